@@ -1,0 +1,138 @@
+//! Apps (tenants) and their endpoints, as the runtime uses them: built from the
+//! config once, validated, then shared read-only by ingest and workers.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::delivery::retry::RetryPolicy;
+use crate::pipeline::route::ChannelFilter;
+use crate::signing::standard::StandardKey;
+
+/// A secret value: compared and used, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Compares without an early exit, so timing does not tell how much matched.
+    pub fn matches(&self, candidate: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), candidate.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// How requests to an endpoint are shaped and signed.
+#[derive(Debug, Clone)]
+pub enum Scheme {
+    /// Pusher / soketi: `{"time_ms", "events": [..]}`, `X-Pusher-Key`,
+    /// `X-Pusher-Signature` (hex HMAC-SHA256 with the app secret).
+    Pusher,
+    /// Standard Webhooks: `{"type", "timestamp", "data"}`, `webhook-id`,
+    /// `webhook-timestamp`, `webhook-signature` (one `v1,` entry per key).
+    Standard { keys: Vec<StandardKey> },
+}
+
+impl Scheme {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scheme::Pusher => "pusher",
+            Scheme::Standard { .. } => "standard",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Stable across restarts: retries and dead letters refer to it.
+    pub id: String,
+    pub url: reqwest::Url,
+    pub scheme: Scheme,
+    /// Empty: every event type.
+    pub event_types: Vec<String>,
+    pub filter: ChannelFilter,
+    /// Extra headers; validated never to name a header the signer sets.
+    pub headers: Vec<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+impl Endpoint {
+    /// Whether this endpoint subscribes to an event of this type and channel
+    /// (soketi's `event_types` and `filter`).
+    pub fn accepts(&self, event_type: &str, channel: Option<&str>) -> bool {
+        (self.event_types.is_empty() || self.event_types.iter().any(|t| t == event_type))
+            && self.filter.matches(channel)
+    }
+}
+
+#[derive(Debug)]
+pub struct App {
+    pub id: String,
+    pub key: String,
+    /// The first signs `pusher` endpoints; more than one during rotation.
+    pub secrets: Vec<Secret>,
+    pub ingest_token: Secret,
+    pub endpoints: Vec<Arc<Endpoint>>,
+}
+
+impl App {
+    pub fn endpoint(&self, id: &str) -> Option<&Arc<Endpoint>> {
+        self.endpoints.iter().find(|e| e.id == id)
+    }
+
+    /// The secret that signs `pusher` requests.
+    pub fn signing_secret(&self) -> &Secret {
+        &self.secrets[0]
+    }
+}
+
+/// Every app, by id.
+#[derive(Debug, Default, Clone)]
+pub struct Apps {
+    by_id: HashMap<String, Arc<App>>,
+}
+
+impl Apps {
+    pub fn new(apps: impl IntoIterator<Item = App>) -> Self {
+        Apps {
+            by_id: apps
+                .into_iter()
+                .map(|a| (a.id.clone(), Arc::new(a)))
+                .collect(),
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Arc<App>> {
+        self.by_id.get(id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<App>> {
+        self.by_id.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}

@@ -1,0 +1,334 @@
+//! The command line: `serve`, `send`, `dlq`, `queues`, `config`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, LogFormat, Settings};
+use crate::event::{Event, Job, now_ms};
+use crate::queue::{DeadLetter, Queue};
+use crate::service::{self, Mode};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "wasmhook",
+    version,
+    about = "Durable, signed webhook delivery with a WebAssembly plugin pipeline"
+)]
+pub struct Cli {
+    /// Config file (TOML). Without one: built-in defaults and a demo app.
+    #[arg(long, global = true, env = "WASMHOOK_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format: overrides `log.format`.
+    #[arg(long, global = true, value_parser = ["pretty", "json"])]
+    pub log_format: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the HTTP ingest and/or the worker.
+    Serve {
+        #[arg(long, value_enum, default_value = "all", env = "WASMHOOK_MODE")]
+        mode: Mode,
+    },
+    /// Enqueue one event (straight into Redis, or through the ingest when no
+    /// Redis is configured).
+    Send(SendArgs),
+    /// Inspect and replay dead letters.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Show each queue's depth and outcome counters.
+    Queues,
+    /// Check or show configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct SendArgs {
+    #[arg(long)]
+    pub app: String,
+    /// The event type (`name`), e.g. client_event.
+    #[arg(long)]
+    pub event: String,
+    #[arg(long)]
+    pub channel: Option<String>,
+    /// The event's other fields as a JSON object (e.g. '{"event":"client-x","data":"{}"}');
+    /// any other JSON value becomes its `data` field.
+    #[arg(long, default_value = "{}")]
+    pub data: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DlqCommand {
+    /// List dead letters, oldest first.
+    List {
+        #[arg(long)]
+        app: Option<String>,
+        #[arg(long)]
+        queue: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter in full.
+    Show { id: String },
+    /// Put dead letters back on their queue, keeping their webhook ids.
+    Replay {
+        /// One dead letter.
+        #[arg(conflicts_with_all = ["app", "all"], required_unless_present_any = ["app", "all"])]
+        id: Option<String>,
+        /// Every dead letter of this app.
+        #[arg(long, conflicts_with = "all")]
+        app: Option<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Validate the config; say exactly what is wrong (key path and reason).
+    Check,
+    /// Print the built-in defaults, with their comments.
+    Defaults,
+}
+
+/// Runs a parsed command line. Logging is set up here from the config.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Config {
+        command: ConfigCommand::Defaults,
+    } = cli.command
+    {
+        print!("{}", config::DEFAULTS);
+        return Ok(());
+    }
+    let loaded = config::load(cli.config.as_deref());
+    if let Command::Config {
+        command: ConfigCommand::Check,
+    } = cli.command
+    {
+        let settings = loaded?;
+        println!(
+            "configuration ok: {} app(s), {} endpoint(s), queue: {}",
+            settings.apps.len(),
+            settings
+                .apps
+                .iter()
+                .map(|a| a.endpoints.len())
+                .sum::<usize>(),
+            if settings.redis_url.is_some() {
+                "redis"
+            } else {
+                "embedded (not durable)"
+            }
+        );
+        return Ok(());
+    }
+    let settings = loaded?;
+    let format = match cli.log_format.as_deref() {
+        Some("json") => LogFormat::Json,
+        Some(_) => LogFormat::Pretty,
+        None => settings.log.format,
+    };
+    crate::telemetry::init(format, &settings.log.level);
+    match cli.command {
+        Command::Serve { mode } => {
+            let shutdown = CancellationToken::new();
+            service::shutdown_on_signals(shutdown.clone());
+            service::serve(settings, mode, None, shutdown).await
+        }
+        Command::Send(args) => send(&settings, args).await,
+        Command::Dlq { command } => dlq(&settings, command).await,
+        Command::Queues => queues(&settings).await,
+        Command::Config { .. } => unreachable!("handled above"),
+    }
+}
+
+fn build_event(args: &SendArgs) -> anyhow::Result<Event> {
+    let data: Value = serde_json::from_str(&args.data).context("--data is not valid JSON")?;
+    let mut event = match data {
+        Value::Object(fields) => Value::Object(fields),
+        other => json!({ "data": other }),
+    };
+    event["name"] = json!(args.event);
+    if let Some(channel) = &args.channel {
+        event["channel"] = json!(channel);
+    }
+    Ok(Event::from_json(event)?)
+}
+
+async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<()> {
+    let app = settings
+        .apps
+        .get(&args.app)
+        .with_context(|| format!("no app {:?} in the config", args.app))?;
+    let event = build_event(&args)?;
+    if settings.redis_url.is_some() {
+        let queue = service::open_queue(settings)?;
+        let name = settings.queues.queue_for(&app.id, &event.name);
+        let job = Job::new(app.id.as_str(), event, now_ms());
+        queue
+            .enqueue(&[(name.clone(), job.clone())])
+            .await
+            .context("enqueueing")?;
+        println!("{} queued on {name}", job.id);
+        return Ok(());
+    }
+    // The embedded queue lives inside the serve process: go through its ingest.
+    crate::delivery::install_crypto_provider();
+    let url = format!(
+        "http://{}/v1/apps/{}/events",
+        settings.server.listen, app.id
+    );
+    let response = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(app.ingest_token.expose())
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(&event)?)
+        .send()
+        .await
+        .with_context(|| {
+            format!("posting to the ingest at {url} (is `wasmhook serve` running?)")
+        })?;
+    let status = response.status();
+    let body: Value =
+        serde_json::from_slice(&response.bytes().await.unwrap_or_default()).unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!(
+            "the ingest answered {status}: {}",
+            body["message"].as_str().unwrap_or("no message")
+        );
+    }
+    println!(
+        "{} accepted by the ingest",
+        body["ids"][0].as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
+fn durable_queue(settings: &Settings) -> anyhow::Result<Queue> {
+    if settings.redis_url.is_none() {
+        bail!(
+            "dead letters and queue state live in Redis: set redis.url (the embedded queue exists only inside `wasmhook serve`)"
+        );
+    }
+    service::open_queue(settings)
+}
+
+async fn all_dead_letters(
+    queue: &Queue,
+    only_queue: Option<&str>,
+    limit: usize,
+) -> anyhow::Result<Vec<(String, DeadLetter)>> {
+    let names = match only_queue {
+        Some(q) => vec![q.to_string()],
+        None => queue.queues().await?,
+    };
+    let mut out = Vec::new();
+    for name in names {
+        out.extend(queue.dead_letters(&name, limit).await?);
+    }
+    Ok(out)
+}
+
+async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
+    let queue = durable_queue(settings)?;
+    match command {
+        DlqCommand::List {
+            app,
+            queue: only,
+            limit,
+            json,
+        } => {
+            let letters = all_dead_letters(&queue, only.as_deref(), limit).await?;
+            let letters = letters.into_iter().filter(|(_, l)| {
+                app.as_ref()
+                    .is_none_or(|a| l.job.as_ref().is_some_and(|j| &j.app_id == a))
+            });
+            if !json {
+                println!(
+                    "{:<40} {:<12} {:<16} {:<18} {:>8} {:>6}  reason",
+                    "id", "app", "endpoint", "event", "attempts", "status"
+                );
+            }
+            for (id, l) in letters {
+                if json {
+                    println!("{}", json!({"id": id, "dead_letter": l}));
+                    continue;
+                }
+                let job = l.job.as_ref();
+                println!(
+                    "{:<40} {:<12} {:<16} {:<18} {:>8} {:>6}  {}",
+                    id,
+                    job.map_or("-", |j| j.app_id.as_str()),
+                    job.and_then(|j| j.endpoint.as_deref()).unwrap_or("-"),
+                    job.map_or("-", |j| j.event.name.as_str()),
+                    l.attempts,
+                    l.status.map_or("-".to_string(), |s| s.to_string()),
+                    l.reason
+                );
+            }
+        }
+        DlqCommand::Show { id } => {
+            let letter = queue.dead_letter(&id).await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({"id": id, "dead_letter": letter}))?
+            );
+        }
+        DlqCommand::Replay { id: Some(id), .. } => {
+            let job = queue.replay(&id).await?;
+            println!("replayed {id} as {}", job.id);
+        }
+        DlqCommand::Replay { id: None, app, .. } => {
+            let letters = all_dead_letters(&queue, None, usize::MAX / 2).await?;
+            let mut replayed = 0;
+            for (id, l) in letters {
+                let Some(job) = &l.job else { continue };
+                if app.as_ref().is_some_and(|a| &job.app_id != a) {
+                    continue;
+                }
+                queue.replay(&id).await?;
+                replayed += 1;
+            }
+            println!("replayed {replayed} dead letter(s)");
+        }
+    }
+    Ok(())
+}
+
+async fn queues(settings: &Settings) -> anyhow::Result<()> {
+    let queue = durable_queue(settings)?;
+    println!(
+        "{:<24} {:>8} {:>9} {:>8} {:>6}  counters",
+        "queue", "ready", "in_flight", "delayed", "dead"
+    );
+    for name in queue.queues().await? {
+        let d = queue.depth(&name).await?;
+        let stats = queue.stats(&name).await?;
+        let counters: Vec<String> = stats.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{:<24} {:>8} {:>9} {:>8} {:>6}  {}",
+            name,
+            d.ready,
+            d.in_flight,
+            d.delayed,
+            d.dead,
+            counters.join(" ")
+        );
+    }
+    Ok(())
+}

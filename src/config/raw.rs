@@ -1,0 +1,158 @@
+//! The config file as written: serde types that mirror the TOML, nothing more.
+//! `settings` turns them into the validated objects the runtime uses.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A duration written as text: "0s", "250ms", "5m", "2h".
+pub type HumanDuration = humantime_serde::Serde<Duration>;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub redis: RawRedis,
+    pub server: RawServer,
+    pub queues: RawQueues,
+    pub retry: RawRetry,
+    pub delivery: RawDelivery,
+    pub log: RawLog,
+    #[serde(default)]
+    pub apps: Vec<RawApp>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    pub url: Option<String>,
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: String,
+    pub max_body_bytes: usize,
+    pub max_batch: usize,
+    #[serde(with = "humantime_serde")]
+    pub idempotency_ttl: Duration,
+    pub echo: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueKey {
+    EventType,
+    App,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueues {
+    pub key: QueueKey,
+    pub names: Vec<String>,
+    pub concurrency: usize,
+    pub concurrency_per_queue: BTreeMap<String, usize>,
+    #[serde(with = "humantime_serde")]
+    pub visibility_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reclaim_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub discover_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub schedule: Vec<HumanDuration>,
+    pub jitter: f64,
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDelivery {
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub max_response_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApp {
+    pub id: String,
+    pub key: String,
+    /// Signs `pusher` endpoints.
+    pub secret: Option<String>,
+    /// Several during rotation: the first signs `pusher` endpoints.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    pub ingest_token: String,
+    #[serde(default)]
+    pub webhooks: Vec<RawWebhook>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SchemeName {
+    #[default]
+    Pusher,
+    Standard,
+}
+
+/// One endpoint. The soketi `webhooks` entry is a subset of this, so soketi
+/// users can bring theirs over as they are.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    /// Stable id of the endpoint (used by retries and dead letters); derived
+    /// from scheme and url when absent.
+    pub id: Option<String>,
+    pub url: Option<String>,
+    #[serde(default)]
+    pub scheme: SchemeName,
+    #[serde(default)]
+    pub event_types: Vec<String>,
+    pub filter: Option<RawFilter>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// `standard` endpoints: whsec_ secrets, each signs.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    pub retry: Option<RawRetryOverride>,
+    /// soketi's AWS Lambda target: recognised so it can be refused clearly.
+    pub lambda_function: Option<toml::Value>,
+    /// soketi's AWS Lambda options: recognised so they can be refused clearly.
+    pub lambda: Option<toml::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFilter {
+    pub channel_name_starts_with: Option<String>,
+    pub channel_name_ends_with: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetryOverride {
+    pub schedule: Vec<HumanDuration>,
+}

@@ -1,0 +1,431 @@
+//! Validated settings: what the runtime is built from. Every problem in a raw
+//! config is reported with its key path, all at once.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{HeaderName, HeaderValue};
+use sha2::{Digest, Sha256};
+
+use super::Problem;
+use super::raw::{LogFormat, QueueKey, RawApp, RawConfig, RawWebhook, SchemeName};
+use crate::app::{App, Apps, Endpoint, Scheme, Secret};
+use crate::delivery::retry::RetryPolicy;
+use crate::event::valid_name;
+use crate::pipeline::route::ChannelFilter;
+use crate::queue::Keys;
+use crate::signing::{self, standard::StandardKey};
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// None: the embedded in-memory queue.
+    pub redis_url: Option<String>,
+    pub keys: Keys,
+    pub server: ServerSettings,
+    pub queues: QueueSettings,
+    pub retry: RetryPolicy,
+    pub delivery: DeliverySettings,
+    pub log: LogSettings,
+    pub apps: Apps,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub max_batch: usize,
+    pub idempotency_ttl: Duration,
+    pub echo: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    pub key: QueueKey,
+    pub names: Vec<String>,
+    pub concurrency: usize,
+    pub concurrency_per_queue: BTreeMap<String, usize>,
+    pub visibility_timeout: Duration,
+    pub reclaim_interval: Duration,
+    pub discover_interval: Duration,
+}
+
+impl QueueSettings {
+    /// The queue an event of this app and type goes to.
+    pub fn queue_for(&self, app_id: &str, event_type: &str) -> String {
+        match self.key {
+            QueueKey::EventType => event_type.to_string(),
+            QueueKey::App => format!("app:{app_id}"),
+        }
+    }
+
+    pub fn concurrency_for(&self, queue: &str) -> usize {
+        self.concurrency_per_queue
+            .get(queue)
+            .copied()
+            .unwrap_or(self.concurrency)
+    }
+
+    /// Queues every worker reads even before any producer used them.
+    pub fn known_queues(&self, apps: &Apps) -> Vec<String> {
+        let mut names: Vec<String> = match self.key {
+            QueueKey::EventType => self.names.clone(),
+            QueueKey::App => apps.iter().map(|a| format!("app:{}", a.id)).collect(),
+        };
+        names.sort();
+        names
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliverySettings {
+    pub timeout: Duration,
+    pub max_response_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+struct Check(Vec<Problem>);
+
+impl Check {
+    fn fail(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            reason: reason.into(),
+        });
+    }
+
+    fn name(&mut self, path: impl Into<String>, value: &str) {
+        if !valid_name(value) {
+            self.fail(path, "must be 1 to 200 characters of A-Z a-z 0-9 _ - . :");
+        }
+    }
+}
+
+pub(super) fn build(raw: RawConfig) -> Result<Settings, Vec<Problem>> {
+    let mut c = Check(Vec::new());
+
+    if let Some(url) = &raw.redis.url
+        && let Err(e) = redis::Client::open(url.as_str())
+    {
+        c.fail(
+            "redis.url",
+            format!("not a Redis URL: {}", e.detail().unwrap_or("unparseable")),
+        );
+    }
+    if raw.redis.prefix.is_empty() || raw.redis.prefix.contains(['{', '}']) {
+        c.fail(
+            "redis.prefix",
+            "must be non-empty and contain no `{` or `}`",
+        );
+    }
+
+    let listen = raw.server.listen.parse::<SocketAddr>().unwrap_or_else(|_| {
+        c.fail(
+            "server.listen",
+            "must be an address and port, e.g. 127.0.0.1:8080",
+        );
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    });
+    if raw.server.max_body_bytes == 0 {
+        c.fail("server.max_body_bytes", "must be at least 1");
+    }
+    if raw.server.max_batch == 0 {
+        c.fail("server.max_batch", "must be at least 1");
+    }
+
+    for (i, name) in raw.queues.names.iter().enumerate() {
+        c.name(format!("queues.names[{i}]"), name);
+    }
+    if raw.queues.concurrency == 0 {
+        c.fail("queues.concurrency", "must be at least 1");
+    }
+    for (name, n) in &raw.queues.concurrency_per_queue {
+        c.name(format!("queues.concurrency_per_queue.{name}"), name);
+        if *n == 0 {
+            c.fail(
+                format!("queues.concurrency_per_queue.{name}"),
+                "must be at least 1",
+            );
+        }
+    }
+    for (key, d) in [
+        ("queues.reclaim_interval", raw.queues.reclaim_interval),
+        ("queues.discover_interval", raw.queues.discover_interval),
+    ] {
+        if d.is_zero() {
+            c.fail(key, "must be longer than zero");
+        }
+    }
+
+    if raw.retry.schedule.is_empty() {
+        c.fail(
+            "retry.schedule",
+            "needs at least one entry (the first attempt, normally \"0s\")",
+        );
+    }
+    if !(0.0..1.0).contains(&raw.retry.jitter) {
+        c.fail("retry.jitter", "must be at least 0 and below 1");
+    }
+    let schedule: Vec<Duration> = raw.retry.schedule.iter().map(|d| **d).collect();
+    let retry = RetryPolicy::new(
+        if schedule.is_empty() {
+            vec![Duration::ZERO]
+        } else {
+            schedule
+        },
+        raw.retry.jitter,
+        raw.retry.max_retry_after,
+    );
+
+    if raw.delivery.timeout.is_zero() {
+        c.fail("delivery.timeout", "must be longer than zero");
+    }
+    if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
+        c.fail(
+            "log.level",
+            "not a log filter (e.g. \"info\" or \"wasmhook=debug,info\")",
+        );
+    }
+
+    let mut apps = Vec::new();
+    let mut app_ids = HashSet::new();
+    let mut longest_timeout = raw.delivery.timeout;
+    for (i, a) in raw.apps.iter().enumerate() {
+        let path = format!("apps[{i}]");
+        c.name(format!("{path}.id"), &a.id);
+        if !app_ids.insert(a.id.clone()) {
+            c.fail(
+                format!("{path}.id"),
+                format!("app id {:?} is used twice", a.id),
+            );
+        }
+        let app = build_app(&mut c, &path, a, &raw, &retry);
+        for e in &app.endpoints {
+            longest_timeout = longest_timeout.max(e.timeout);
+        }
+        apps.push(app);
+    }
+    if raw.queues.visibility_timeout <= longest_timeout + Duration::from_secs(1) {
+        c.fail(
+            "queues.visibility_timeout",
+            format!("must be more than the longest endpoint timeout ({longest_timeout:?}) plus 1s, or a slow delivery would be handed to a second worker"),
+        );
+    }
+
+    if !c.0.is_empty() {
+        return Err(c.0);
+    }
+    Ok(Settings {
+        redis_url: raw.redis.url,
+        keys: Keys::new(raw.redis.prefix),
+        server: ServerSettings {
+            listen,
+            max_body_bytes: raw.server.max_body_bytes,
+            max_batch: raw.server.max_batch,
+            idempotency_ttl: raw.server.idempotency_ttl,
+            echo: raw.server.echo,
+        },
+        queues: QueueSettings {
+            key: raw.queues.key,
+            names: raw.queues.names,
+            concurrency: raw.queues.concurrency,
+            concurrency_per_queue: raw.queues.concurrency_per_queue,
+            visibility_timeout: raw.queues.visibility_timeout,
+            reclaim_interval: raw.queues.reclaim_interval,
+            discover_interval: raw.queues.discover_interval,
+        },
+        retry,
+        delivery: DeliverySettings {
+            timeout: raw.delivery.timeout,
+            max_response_bytes: raw.delivery.max_response_bytes,
+        },
+        log: LogSettings {
+            format: raw.log.format,
+            level: raw.log.level,
+        },
+        apps: Apps::new(apps),
+    })
+}
+
+fn build_app(c: &mut Check, path: &str, a: &RawApp, raw: &RawConfig, retry: &RetryPolicy) -> App {
+    if a.key.is_empty() {
+        c.fail(format!("{path}.key"), "must not be empty");
+    }
+    if a.ingest_token.is_empty() {
+        c.fail(format!("{path}.ingest_token"), "must not be empty");
+    }
+    let secrets: Vec<Secret> = a
+        .secret
+        .iter()
+        .chain(&a.secrets)
+        .map(|s| Secret::new(s.as_str()))
+        .collect();
+    if secrets.iter().any(|s| s.expose().is_empty()) {
+        c.fail(format!("{path}.secrets"), "a secret must not be empty");
+    }
+    let mut endpoints = Vec::new();
+    let mut ids = HashSet::new();
+    for (j, w) in a.webhooks.iter().enumerate() {
+        let wpath = format!("{path}.webhooks[{j}]");
+        if let Some(e) = build_endpoint(c, &wpath, w, raw, retry) {
+            if matches!(e.scheme, Scheme::Pusher) && secrets.is_empty() {
+                c.fail(
+                    format!("{path}.secret"),
+                    "required: `pusher` endpoints are signed with the app's secret",
+                );
+            }
+            if !ids.insert(e.id.clone()) {
+                c.fail(
+                    format!("{wpath}.id"),
+                    format!(
+                        "endpoint id {:?} is used twice in this app; give each an explicit `id`",
+                        e.id
+                    ),
+                );
+            }
+            endpoints.push(Arc::new(e));
+        }
+    }
+    App {
+        id: a.id.clone(),
+        key: a.key.clone(),
+        secrets,
+        ingest_token: Secret::new(a.ingest_token.as_str()),
+        endpoints,
+    }
+}
+
+fn build_endpoint(
+    c: &mut Check,
+    path: &str,
+    w: &RawWebhook,
+    raw: &RawConfig,
+    retry: &RetryPolicy,
+) -> Option<Endpoint> {
+    let before = c.0.len();
+    if w.lambda_function.is_some() || w.lambda.is_some() {
+        let key = if w.lambda_function.is_some() {
+            "lambda_function"
+        } else {
+            "lambda"
+        };
+        c.fail(
+            format!("{path}.{key}"),
+            "AWS Lambda webhooks are not supported; give this endpoint an HTTP(S) `url`",
+        );
+        return None;
+    }
+    let url = match w.url.as_deref().map(reqwest::Url::parse) {
+        None => {
+            c.fail(format!("{path}.url"), "required");
+            None
+        }
+        Some(Err(e)) => {
+            c.fail(format!("{path}.url"), format!("not a URL: {e}"));
+            None
+        }
+        Some(Ok(u)) if !matches!(u.scheme(), "http" | "https") || u.host().is_none() => {
+            c.fail(
+                format!("{path}.url"),
+                "must be an http:// or https:// URL with a host",
+            );
+            None
+        }
+        Some(Ok(u)) => Some(u),
+    };
+    let scheme = match w.scheme {
+        SchemeName::Pusher => {
+            if !w.secrets.is_empty() {
+                c.fail(format!("{path}.secrets"), "only `standard` endpoints take secrets; `pusher` endpoints are signed with the app's secret");
+            }
+            Scheme::Pusher
+        }
+        SchemeName::Standard => {
+            if w.secrets.is_empty() {
+                c.fail(
+                    format!("{path}.secrets"),
+                    "a `standard` endpoint needs at least one whsec_ secret",
+                );
+            }
+            let mut keys = Vec::new();
+            for (k, s) in w.secrets.iter().enumerate() {
+                match StandardKey::parse(s) {
+                    Ok(key) => keys.push(key),
+                    Err(e) => c.fail(format!("{path}.secrets[{k}]"), e.to_string()),
+                }
+            }
+            Scheme::Standard { keys }
+        }
+    };
+    for (k, t) in w.event_types.iter().enumerate() {
+        c.name(format!("{path}.event_types[{k}]"), t);
+    }
+    let mut headers = Vec::new();
+    for (name, value) in &w.headers {
+        let hpath = format!("{path}.headers.{name}");
+        if signing::is_reserved(name) {
+            c.fail(hpath, "this header is set by wasmhook (signature, content or transport) and cannot be overridden");
+            continue;
+        }
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            (Ok(n), Ok(v)) => headers.push((n, v)),
+            (Err(_), _) => c.fail(hpath, "not a valid header name"),
+            (_, Err(_)) => c.fail(hpath, "not a valid header value"),
+        }
+    }
+    let timeout = w.timeout.unwrap_or(raw.delivery.timeout);
+    if timeout.is_zero() {
+        c.fail(format!("{path}.timeout"), "must be longer than zero");
+    }
+    let retry = match &w.retry {
+        Some(o) if o.schedule.is_empty() => {
+            c.fail(format!("{path}.retry.schedule"), "needs at least one entry");
+            retry.clone()
+        }
+        Some(o) => retry.with_schedule(o.schedule.iter().map(|d| **d).collect()),
+        None => retry.clone(),
+    };
+    let id = match &w.id {
+        Some(id) => {
+            c.name(format!("{path}.id"), id);
+            id.clone()
+        }
+        None => derived_endpoint_id(w),
+    };
+    let filter = w.filter.clone().unwrap_or_default();
+    if c.0.len() > before {
+        return None;
+    }
+    Some(Endpoint {
+        id,
+        url: url?,
+        scheme,
+        event_types: w.event_types.clone(),
+        filter: ChannelFilter {
+            starts_with: filter.channel_name_starts_with,
+            ends_with: filter.channel_name_ends_with,
+        },
+        headers,
+        timeout,
+        retry,
+    })
+}
+
+/// Stable while the endpoint's scheme and url stay the same.
+fn derived_endpoint_id(w: &RawWebhook) -> String {
+    let scheme = match w.scheme {
+        SchemeName::Pusher => "pusher",
+        SchemeName::Standard => "standard",
+    };
+    let digest = Sha256::digest(format!("{scheme} {}", w.url.as_deref().unwrap_or("")).as_bytes());
+    format!("ep_{}", &hex::encode(digest)[..12])
+}

@@ -1,0 +1,279 @@
+use super::*;
+
+fn load(text: &str) -> Result<Settings, ConfigError> {
+    load_from(
+        Some("test.toml".into()),
+        Some(text),
+        Vec::<(String, String)>::new(),
+    )
+}
+
+fn problems(text: &str) -> Vec<String> {
+    load(text)
+        .unwrap_err()
+        .problems
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+const APP: &str = r#"
+[[apps]]
+id = "app-1"
+key = "app-key"
+secret = "app-secret"
+ingest_token = "token-1"
+
+[[apps.webhooks]]
+url = "https://example.com/hooks"
+event_types = ["client_event", "channel_occupied"]
+filter = { channel_name_starts_with = "private-" }
+headers = { "X-Env" = "prod" }
+
+[[apps.webhooks]]
+url = "https://example.com/std"
+scheme = "standard"
+secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]
+"#;
+
+#[test]
+fn the_documented_shape_loads() {
+    let s = load(&format!("[redis]\nurl = \"redis://127.0.0.1:6379\"\nprefix = \"wh\"\n[server]\nlisten = \"127.0.0.1:8080\"\n{APP}")).unwrap();
+    assert_eq!(s.redis_url.as_deref(), Some("redis://127.0.0.1:6379"));
+    let app = s.apps.get("app-1").unwrap();
+    assert_eq!(app.endpoints.len(), 2);
+    assert_eq!(app.endpoints[0].scheme.name(), "pusher");
+    assert_eq!(app.endpoints[1].scheme.name(), "standard");
+    assert!(app.endpoints[0].accepts("client_event", Some("private-a")));
+    assert!(!app.endpoints[0].accepts("member_added", Some("private-a")));
+    assert_eq!(app.endpoints[0].timeout, std::time::Duration::from_secs(15));
+    assert_ne!(app.endpoints[0].id, app.endpoints[1].id);
+    // Defaults came through the merge.
+    assert_eq!(s.server.max_body_bytes, 1024 * 1024);
+    assert_eq!(s.retry.max_attempts(), 10);
+}
+
+#[test]
+fn no_file_means_the_demo_app_and_no_redis() {
+    let s = load_from(None, None, Vec::<(String, String)>::new()).unwrap();
+    assert!(s.redis_url.is_none());
+    assert!(s.apps.get("demo").is_some());
+}
+
+#[test]
+fn a_soketi_webhooks_entry_comes_over_as_it_is() {
+    // soketi's app `webhooks` entry, in TOML: scheme defaults to pusher.
+    let s = load(
+        r#"
+[[apps]]
+id = "app-1"
+key = "app-key"
+secret = "app-secret"
+ingest_token = "t"
+[[apps.webhooks]]
+url = "https://example.com/pusher/webhooks"
+event_types = ["channel_occupied", "channel_vacated"]
+filter = { channel_name_starts_with = "private-", channel_name_ends_with = "-orders" }
+headers = { "X-Custom" = "1" }
+"#,
+    )
+    .unwrap();
+    let e = &s.apps.get("app-1").unwrap().endpoints[0];
+    assert_eq!(e.scheme.name(), "pusher");
+    assert!(e.accepts("channel_vacated", Some("private-eu-orders")));
+    assert!(!e.accepts("channel_vacated", Some("private-eu-users")));
+}
+
+#[test]
+fn soketi_lambda_targets_are_refused_clearly() {
+    let p = problems(
+        r#"
+[[apps]]
+id = "a"
+key = "k"
+secret = "s"
+ingest_token = "t"
+[[apps.webhooks]]
+lambda_function = "my-fn"
+lambda = { async = true }
+"#,
+    );
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].starts_with(
+            "apps[0].webhooks[0].lambda_function: AWS Lambda webhooks are not supported"
+        ),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn unknown_keys_are_named_with_their_path() {
+    let p = problems(&format!(
+        "{APP}\n[[apps.webhooks]]\nurl = \"https://x.example\"\nretries = 3\n"
+    ));
+    assert_eq!(p.len(), 1);
+    assert!(
+        p[0].starts_with("apps[0].webhooks[2].retries: unknown field `retries`"),
+        "{p:?}"
+    );
+    let p = problems("[redis]\nurll = \"redis://x\"\n");
+    assert!(
+        p[0].starts_with("redis.urll: unknown field `urll`"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn every_validation_problem_is_reported_at_once() {
+    let p = problems(
+        r#"
+[server]
+listen = "nowhere"
+[retry]
+schedule = []
+[[apps]]
+id = "has space"
+key = "k"
+ingest_token = "t"
+[[apps.webhooks]]
+url = "ftp://example.com"
+headers = { "X-Pusher-Signature" = "forged" }
+[[apps.webhooks]]
+url = "https://example.com"
+scheme = "standard"
+secrets = ["not-a-whsec"]
+"#,
+    );
+    let has = |prefix: &str| p.iter().any(|x| x.starts_with(prefix));
+    assert!(has("server.listen: "), "{p:?}");
+    assert!(has("retry.schedule: "), "{p:?}");
+    assert!(has("apps[0].id: "), "{p:?}");
+    assert!(has("apps[0].webhooks[0].url: must be an http"), "{p:?}");
+    assert!(
+        has("apps[0].webhooks[0].headers.X-Pusher-Signature: this header is set by wasmhook"),
+        "{p:?}"
+    );
+    assert!(
+        has("apps[0].webhooks[1].secrets[0]: must start with `whsec_`"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn pusher_endpoints_need_an_app_secret() {
+    let p = problems(
+        "[[apps]]\nid = \"a\"\nkey = \"k\"\ningest_token = \"t\"\n[[apps.webhooks]]\nurl = \"https://x.example\"\n",
+    );
+    assert!(
+        p.iter().any(|x| x.starts_with("apps[0].secret: required")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn secrets_never_appear_in_errors() {
+    let err = load(
+        r#"
+[[apps]]
+id = "a"
+key = "k"
+secret = "hunter2-app-secret"
+ingest_token = "t"
+[[apps.webhooks]]
+url = "https://x.example"
+scheme = "standard"
+secrets = ["whsec_c3VwZXJzZWNyZXQ="]
+"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("secrets[0]"), "{err}");
+    assert!(
+        !err.contains("hunter2") && !err.contains("c3VwZXJzZWNyZXQ"),
+        "{err}"
+    );
+}
+
+#[test]
+fn visibility_timeout_must_outlast_every_endpoint_timeout() {
+    let p = problems(&format!("[queues]\nvisibility_timeout = \"10s\"\n{APP}"));
+    assert!(
+        p.iter()
+            .any(|x| x.starts_with("queues.visibility_timeout: ")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn environment_variables_override_any_key() {
+    let env = vec![
+        (
+            "WASMHOOK_REDIS__URL".to_string(),
+            "redis://10.0.0.1:6380".to_string(),
+        ),
+        ("WASMHOOK_QUEUES__CONCURRENCY".to_string(), "7".to_string()),
+        ("WASMHOOK_APPS__0__KEY".to_string(), "12345".to_string()),
+        (
+            "WASMHOOK_QUEUES__CONCURRENCY_PER_QUEUE__CLIENT_EVENT".to_string(),
+            "99".to_string(),
+        ),
+        ("WASMHOOK_CONFIG".to_string(), "ignored.toml".to_string()),
+        ("OTHER".to_string(), "x".to_string()),
+    ];
+    let s = load_from(None, Some(APP), env).unwrap();
+    assert_eq!(s.redis_url.as_deref(), Some("redis://10.0.0.1:6380"));
+    assert_eq!(s.queues.concurrency, 7);
+    assert_eq!(s.queues.concurrency_for("client_event"), 99);
+    assert_eq!(
+        s.apps.get("app-1").unwrap().key,
+        "12345",
+        "a string key stays a string"
+    );
+}
+
+#[test]
+fn environment_mistakes_are_named() {
+    let bad = |k: &str, v: &str| {
+        load_from(None, Some(APP), vec![(k.to_string(), v.to_string())])
+            .unwrap_err()
+            .problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        bad("WASMHOOK_REDIS_URL", "redis://x").contains("WASMHOOK_REDIS_URL: not a config key")
+    );
+    assert!(bad("WASMHOOK_APPS__5__KEY", "k").contains("index 5 is past the end"));
+    assert!(bad("WASMHOOK_REDIS__NOPE", "1").contains("unknown field `nope`"));
+}
+
+#[test]
+fn malformed_toml_says_where() {
+    let e = load("[redis\nurl = 1").unwrap_err().to_string();
+    assert!(
+        e.contains("<file>: not valid TOML") && e.contains("line 1"),
+        "{e}"
+    );
+}
+
+#[test]
+fn per_app_queues_are_an_option() {
+    let s = load(&format!("[queues]\nkey = \"app\"\n{APP}")).unwrap();
+    assert_eq!(s.queues.queue_for("app-1", "client_event"), "app:app-1");
+    assert_eq!(
+        s.queues.known_queues(&s.apps),
+        vec!["app:app-1".to_string()]
+    );
+    let s = load(APP).unwrap();
+    assert_eq!(s.queues.queue_for("app-1", "client_event"), "client_event");
+}
+
+#[test]
+fn the_built_in_defaults_are_valid() {
+    let table: toml::Table = DEFAULTS.parse().unwrap();
+    assert!(table.contains_key("redis") && table.contains_key("retry"));
+    assert!(load("").is_ok());
+}

@@ -1,0 +1,21 @@
+//! wasmhook: a webhook processor. Producers put events on a durable queue
+//! (Redis, or the HTTP ingest); workers take each job through the pipeline
+//! (plugins, routing), sign it and deliver it over HTTP, retrying with backoff
+//! until it lands or is dead-lettered.
+//!
+//! The flow, module by module (ARCHITECTURE.md has the long form):
+//! [`ingest`] → [`queue`] → [`worker`] → [`pipeline`] → [`signing`] → [`delivery`].
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod delivery;
+pub mod event;
+pub mod ingest;
+pub mod pipeline;
+pub mod producer;
+pub mod queue;
+pub mod service;
+pub mod signing;
+pub mod telemetry;
+pub mod worker;

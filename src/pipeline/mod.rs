@@ -1,0 +1,265 @@
+//! What happens to an event between the queue and signing: the app-level
+//! chain of stages (filter, route, transform, for every endpoint at once),
+//! then matching to the app's endpoints by their subscriptions.
+//!
+//! A stage is anything that implements [`Stage`]: the WebAssembly plugin host
+//! is one. With no stages, an event goes to every endpoint whose
+//! `event_types` and `filter` accept it, unchanged.
+
+pub mod route;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::app::{App, Endpoint};
+use crate::event::{Event, Job};
+
+/// What a stage decided about an event (the WIT `decision`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Keep,
+    Transform(Event),
+    Drop(String),
+    /// Exactly these endpoints, each optionally with its own event. Overrides
+    /// the endpoints' subscriptions.
+    Route(Vec<RouteTarget>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteTarget {
+    pub endpoint: String,
+    pub event: Option<Event>,
+}
+
+/// A stage could not decide (it failed, trapped, ran out of time). The job is
+/// retried with backoff and dead-lettered with this message in the end.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("stage {stage}: {message}")]
+pub struct StageError {
+    pub stage: String,
+    pub message: String,
+}
+
+/// One step of an app's chain.
+pub trait Stage: Send + Sync {
+    fn name(&self) -> &str;
+    fn decide(&self, job: &Job) -> Result<Decision, StageError>;
+}
+
+/// What the app-level chain made of a new event.
+#[derive(Debug)]
+pub enum Routing {
+    /// Deliver to each: the job is aimed at the endpoint and carries the event
+    /// as the chain left it.
+    Deliver(Vec<(Arc<Endpoint>, Job)>),
+    /// A stage dropped it.
+    Dropped { stage: String, reason: String },
+}
+
+/// The stages of each app's chain, by app id.
+#[derive(Default, Clone)]
+pub struct Pipeline {
+    chains: HashMap<String, Vec<Arc<dyn Stage>>>,
+}
+
+impl Pipeline {
+    pub fn new(chains: HashMap<String, Vec<Arc<dyn Stage>>>) -> Self {
+        Pipeline { chains }
+    }
+
+    /// Runs the app's chain over a new event and picks its endpoints.
+    pub fn route(&self, app: &App, job: &Job) -> Result<Routing, StageError> {
+        let mut job = job.clone();
+        let mut routed: Option<Vec<RouteTarget>> = None;
+        for stage in self.chains.get(&app.id).into_iter().flatten() {
+            match stage.decide(&job)? {
+                Decision::Keep => {}
+                Decision::Transform(event) => job.event = event,
+                Decision::Drop(reason) => {
+                    return Ok(Routing::Dropped {
+                        stage: stage.name().to_string(),
+                        reason,
+                    });
+                }
+                Decision::Route(targets) if targets.is_empty() => {
+                    return Ok(Routing::Dropped {
+                        stage: stage.name().to_string(),
+                        reason: "routed to no endpoint".into(),
+                    });
+                }
+                Decision::Route(targets) => routed = Some(targets),
+            }
+        }
+        let deliveries = match routed {
+            None => app
+                .endpoints
+                .iter()
+                .filter(|e| e.accepts(&job.event.name, job.event.channel.as_deref()))
+                .map(|e| (e.clone(), job.for_endpoint(&e.id)))
+                .collect(),
+            Some(targets) => {
+                let mut out = Vec::with_capacity(targets.len());
+                for t in targets {
+                    let endpoint = app.endpoint(&t.endpoint).ok_or_else(|| StageError {
+                        stage: "route".into(),
+                        message: format!("routed to unknown endpoint {:?}", t.endpoint),
+                    })?;
+                    let mut aimed = job.for_endpoint(&endpoint.id);
+                    if let Some(event) = t.event {
+                        aimed.event = event;
+                    }
+                    out.push((endpoint.clone(), aimed));
+                }
+                out
+            }
+        };
+        Ok(Routing::Deliver(deliveries))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::{Scheme, Secret};
+    use crate::delivery::retry::RetryPolicy;
+    use route::ChannelFilter;
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn endpoint(id: &str, types: &[&str], prefix: Option<&str>) -> Arc<Endpoint> {
+        Arc::new(Endpoint {
+            id: id.into(),
+            url: "http://127.0.0.1:9/".parse().unwrap(),
+            scheme: Scheme::Pusher,
+            event_types: types.iter().map(|t| t.to_string()).collect(),
+            filter: ChannelFilter {
+                starts_with: prefix.map(Into::into),
+                ends_with: None,
+            },
+            headers: vec![],
+            timeout: Duration::from_secs(1),
+            retry: RetryPolicy::new(vec![Duration::ZERO], 0.0, Duration::ZERO),
+        })
+    }
+
+    fn app() -> App {
+        App {
+            id: "a".into(),
+            key: "k".into(),
+            secrets: vec![Secret::new("s")],
+            ingest_token: Secret::new("t"),
+            endpoints: vec![
+                endpoint("all", &[], None),
+                endpoint("occupied", &["channel_occupied"], None),
+                endpoint("private", &[], Some("private-")),
+            ],
+        }
+    }
+
+    fn job(name: &str, channel: &str) -> Job {
+        Job::new(
+            "a",
+            Event::from_json(json!({"name": name, "channel": channel})).unwrap(),
+            1,
+        )
+    }
+
+    fn ids(r: &Routing) -> Vec<&str> {
+        match r {
+            Routing::Deliver(d) => d
+                .iter()
+                .map(|(e, j)| {
+                    assert_eq!(j.endpoint.as_deref(), Some(e.id.as_str()));
+                    e.id.as_str()
+                })
+                .collect(),
+            Routing::Dropped { .. } => vec![],
+        }
+    }
+
+    #[test]
+    fn without_stages_subscriptions_decide() {
+        let p = Pipeline::default();
+        let app = app();
+        assert_eq!(
+            ids(&p.route(&app, &job("channel_occupied", "public-x")).unwrap()),
+            ["all", "occupied"]
+        );
+        assert_eq!(
+            ids(&p.route(&app, &job("member_added", "private-x")).unwrap()),
+            ["all", "private"]
+        );
+    }
+
+    struct Fixed(Decision);
+    impl Stage for Fixed {
+        fn name(&self) -> &str {
+            "fixed"
+        }
+        fn decide(&self, _: &Job) -> Result<Decision, StageError> {
+            Ok(self.0.clone())
+        }
+    }
+
+    fn with(decisions: Vec<Decision>) -> Pipeline {
+        let stages: Vec<Arc<dyn Stage>> = decisions
+            .into_iter()
+            .map(|d| Arc::new(Fixed(d)) as Arc<dyn Stage>)
+            .collect();
+        Pipeline::new(HashMap::from([("a".to_string(), stages)]))
+    }
+
+    #[test]
+    fn a_drop_stops_the_chain() {
+        let p = with(vec![Decision::Drop("no".into()), Decision::Route(vec![])]);
+        match p.route(&app(), &job("x", "c")).unwrap() {
+            Routing::Dropped { reason, .. } => assert_eq!(reason, "no"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_route_picks_exactly_its_endpoints_with_their_own_events() {
+        let special = Event::from_json(json!({"name": "special"})).unwrap();
+        let p = with(vec![Decision::Route(vec![
+            RouteTarget {
+                endpoint: "occupied".into(),
+                event: Some(special.clone()),
+            },
+            RouteTarget {
+                endpoint: "private".into(),
+                event: None,
+            },
+        ])]);
+        let r = p.route(&app(), &job("member_added", "public-x")).unwrap();
+        assert_eq!(ids(&r), ["occupied", "private"]);
+        let Routing::Deliver(d) = r else {
+            unreachable!()
+        };
+        assert_eq!(d[0].1.event, special);
+        assert_eq!(d[1].1.event.name, "member_added");
+    }
+
+    #[test]
+    fn a_transform_is_what_later_stages_and_endpoints_see() {
+        let changed =
+            Event::from_json(json!({"name": "channel_occupied", "channel": "private-y"})).unwrap();
+        let p = with(vec![Decision::Transform(changed.clone()), Decision::Keep]);
+        let r = p.route(&app(), &job("member_added", "public-x")).unwrap();
+        assert_eq!(ids(&r), ["all", "occupied", "private"]);
+    }
+
+    #[test]
+    fn routing_to_an_unknown_endpoint_is_an_error() {
+        let p = with(vec![Decision::Route(vec![RouteTarget {
+            endpoint: "nope".into(),
+            event: None,
+        }])]);
+        assert!(
+            p.route(&app(), &job("x", "c"))
+                .unwrap_err()
+                .message
+                .contains("nope")
+        );
+    }
+}

@@ -1,0 +1,224 @@
+//! Turning a routed event into the exact request an endpoint receives: the
+//! body in the endpoint's envelope, then its signature over those very bytes.
+
+pub mod pusher;
+pub mod standard;
+
+use bytes::Bytes;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
+use serde::Serialize;
+
+use crate::app::{App, Endpoint, Scheme};
+use crate::event::{Event, Job};
+
+/// Headers the signer owns: config and plugins may not set them.
+pub const RESERVED_HEADERS: &[&str] = &[
+    pusher::KEY_HEADER,
+    pusher::SIGNATURE_HEADER,
+    standard::ID_HEADER,
+    standard::TIMESTAMP_HEADER,
+    standard::SIGNATURE_HEADER,
+    "content-type",
+    "content-length",
+    "host",
+    "user-agent",
+    "transfer-encoding",
+];
+
+pub fn is_reserved(name: &str) -> bool {
+    RESERVED_HEADERS
+        .iter()
+        .any(|r| r.eq_ignore_ascii_case(name))
+}
+
+pub const USER_AGENT_VALUE: &str = concat!("wasmhook/", env!("CARGO_PKG_VERSION"));
+
+/// A request ready to send: nothing about it changes after signing.
+#[derive(Debug, Clone)]
+pub struct SignedRequest {
+    pub url: reqwest::Url,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Serialize)]
+struct PusherBody<'a> {
+    time_ms: u64,
+    events: [&'a Event; 1],
+}
+
+#[derive(Serialize)]
+struct StandardBody<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    timestamp: String,
+    data: &'a Event,
+}
+
+/// The body an endpoint receives for a job: the same bytes on every attempt.
+pub fn body(endpoint: &Endpoint, job: &Job) -> Bytes {
+    let bytes = match endpoint.scheme {
+        Scheme::Pusher => serde_json::to_vec(&PusherBody {
+            time_ms: job.created_ms,
+            events: [&job.event],
+        }),
+        Scheme::Standard { .. } => serde_json::to_vec(&StandardBody {
+            kind: &job.event.name,
+            timestamp: rfc3339_ms(job.created_ms),
+            data: &job.event,
+        }),
+    };
+    Bytes::from(bytes.expect("events always serialize"))
+}
+
+/// Builds and signs the request for one attempt. `now_s` (unix seconds) is
+/// the attempt's `webhook-timestamp`.
+pub fn sign(app: &App, endpoint: &Endpoint, job: &Job, now_s: i64) -> SignedRequest {
+    let body = body(endpoint, job);
+    let mut headers = HeaderMap::with_capacity(endpoint.headers.len() + 5);
+    for (name, value) in &endpoint.headers {
+        headers.insert(name.clone(), value.clone());
+    }
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+    match &endpoint.scheme {
+        Scheme::Pusher => {
+            let signature = pusher::signature(app.signing_secret().expose().as_bytes(), &body);
+            insert(&mut headers, pusher::KEY_HEADER, &app.key);
+            insert(&mut headers, pusher::SIGNATURE_HEADER, &signature);
+        }
+        Scheme::Standard { keys } => {
+            insert(&mut headers, standard::ID_HEADER, &job.id);
+            insert(&mut headers, standard::TIMESTAMP_HEADER, &now_s.to_string());
+            insert(
+                &mut headers,
+                standard::SIGNATURE_HEADER,
+                &standard::signature_header(keys, &job.id, now_s, &body),
+            );
+        }
+    }
+    SignedRequest {
+        url: endpoint.url.clone(),
+        headers,
+        body,
+    }
+}
+
+/// Values here are validated at config time or made by us (hex, base64,
+/// digits, ids checked at ingest); a value that still is not a valid header is
+/// left out rather than sent mangled.
+fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(HeaderName::from_static(name), v);
+    }
+}
+
+fn rfc3339_ms(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::Secret;
+    use crate::delivery::retry::RetryPolicy;
+    use crate::pipeline::route::ChannelFilter;
+    use std::time::Duration;
+
+    fn app() -> App {
+        App {
+            id: "app-1".into(),
+            key: "app-key".into(),
+            secrets: vec![Secret::new("app-secret")],
+            ingest_token: Secret::new("t"),
+            endpoints: vec![],
+        }
+    }
+
+    fn endpoint(scheme: Scheme) -> Endpoint {
+        Endpoint {
+            id: "ep".into(),
+            url: "http://127.0.0.1:9/hook".parse().unwrap(),
+            scheme,
+            event_types: vec![],
+            filter: ChannelFilter::default(),
+            headers: vec![(
+                HeaderName::from_static("x-env"),
+                HeaderValue::from_static("prod"),
+            )],
+            timeout: Duration::from_secs(1),
+            retry: RetryPolicy::new(vec![Duration::ZERO], 0.0, Duration::ZERO),
+        }
+    }
+
+    fn job() -> Job {
+        let event = Event::from_json(
+            serde_json::json!({"name": "channel_occupied", "channel": "private-orders"}),
+        )
+        .unwrap();
+        Job {
+            created_ms: 1764201600000,
+            ..Job::new("app-1", event, 0)
+        }
+    }
+
+    #[test]
+    fn pusher_requests_carry_soketis_body_and_a_signature_over_it() {
+        let req = sign(&app(), &endpoint(Scheme::Pusher), &job(), 1);
+        assert_eq!(
+            &req.body[..],
+            br#"{"time_ms":1764201600000,"events":[{"name":"channel_occupied","channel":"private-orders"}]}"#
+        );
+        assert_eq!(req.headers["x-pusher-key"], "app-key");
+        assert_eq!(
+            req.headers["x-pusher-signature"],
+            pusher::signature(b"app-secret", &req.body).as_str()
+        );
+        assert_eq!(req.headers["content-type"], "application/json");
+        assert_eq!(req.headers["x-env"], "prod");
+        assert!(
+            req.headers["user-agent"]
+                .to_str()
+                .unwrap()
+                .starts_with("wasmhook/")
+        );
+    }
+
+    #[test]
+    fn standard_requests_sign_id_timestamp_and_body() {
+        let key = standard::StandardKey::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let job = job();
+        let req = sign(
+            &app(),
+            &endpoint(Scheme::Standard {
+                keys: vec![key.clone()],
+            }),
+            &job,
+            1614265330,
+        );
+        let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
+        assert_eq!(body["type"], "channel_occupied");
+        assert_eq!(body["timestamp"], "2025-11-27T00:00:00.000Z");
+        assert_eq!(body["data"]["channel"], "private-orders");
+        assert_eq!(req.headers["webhook-id"], job.id.as_str());
+        assert_eq!(req.headers["webhook-timestamp"], "1614265330");
+        assert_eq!(
+            req.headers["webhook-signature"],
+            key.sign(&job.id, 1614265330, &req.body).as_str()
+        );
+    }
+
+    #[test]
+    fn the_body_does_not_change_between_attempts() {
+        let (a, e, j) = (app(), endpoint(Scheme::Pusher), job());
+        assert_eq!(sign(&a, &e, &j, 1).body, sign(&a, &e, &j, 999).body);
+    }
+
+    #[test]
+    fn signature_headers_are_reserved_in_any_case() {
+        assert!(is_reserved("X-Pusher-Signature"));
+        assert!(is_reserved("Webhook-Id"));
+        assert!(!is_reserved("X-Env"));
+    }
+}

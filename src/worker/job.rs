@@ -1,0 +1,246 @@
+//! One job, start to end: route, sign, deliver, and decide its outcome
+//! (delivered / retry at T / dead / dropped), as effects for the committer.
+
+use std::sync::Arc;
+
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::Context;
+use crate::app::{App, Endpoint};
+use crate::delivery::{AttemptResult, Failure, FailureKind};
+use crate::event::{Attempt, Job, now_ms};
+use crate::pipeline::Routing;
+use crate::queue::{Completion, DeadLetter, Effect, Entry, Stat};
+use crate::signing;
+
+/// Most attempts kept in a job's history (the oldest are dropped).
+const HISTORY_CAP: usize = 50;
+
+pub(super) async fn process(ctx: &Context, queue: &str, entry: Entry) -> Completion {
+    let effects = match entry.job {
+        Err(malformed) => {
+            warn!(
+                queue,
+                entry = entry.id,
+                reason = malformed.reason,
+                "malformed queue entry dead-lettered"
+            );
+            vec![
+                Effect::DeadLetter(DeadLetter::malformed(queue, &malformed, now_ms())),
+                Effect::Count(Stat::Dead),
+            ]
+        }
+        Ok(job) => {
+            let span = info_span!(
+                "job",
+                queue,
+                app = job.app_id,
+                webhook_id = job.id,
+                endpoint = job.endpoint.as_deref().unwrap_or("-")
+            );
+            run(ctx, queue, job).instrument(span).await
+        }
+    };
+    Completion {
+        entry_id: entry.id,
+        effects,
+    }
+}
+
+async fn run(ctx: &Context, queue: &str, job: Job) -> Vec<Effect> {
+    let Some(app) = ctx.apps.get(&job.app_id).cloned() else {
+        warn!("job for an unknown app dead-lettered");
+        let reason = format!("unknown app {:?}", job.app_id);
+        return dead(queue, job, reason);
+    };
+    match job.endpoint.clone() {
+        Some(endpoint_id) => match app.endpoint(&endpoint_id) {
+            Some(endpoint) => deliver(ctx, queue, &app, endpoint.clone(), job).await,
+            None => {
+                warn!("job for an endpoint no longer configured dead-lettered");
+                dead(
+                    queue,
+                    job,
+                    format!(
+                        "endpoint {endpoint_id:?} is no longer configured for app {:?}",
+                        app.id
+                    ),
+                )
+            }
+        },
+        None => match ctx.pipeline.route(&app, &job) {
+            Ok(Routing::Dropped { stage, reason }) => {
+                info!(
+                    stage,
+                    reason,
+                    outcome = "dropped",
+                    "event dropped by the pipeline"
+                );
+                vec![Effect::Count(Stat::Dropped)]
+            }
+            Ok(Routing::Deliver(mut targets)) => match targets.len() {
+                0 => {
+                    debug!(
+                        event_type = job.event.name,
+                        outcome = "unrouted",
+                        "no endpoint subscribes to this event"
+                    );
+                    vec![Effect::Count(Stat::Unrouted)]
+                }
+                1 => {
+                    let (endpoint, aimed) = targets.pop().expect("one target");
+                    deliver(ctx, queue, &app, endpoint, aimed).await
+                }
+                n => {
+                    debug!(
+                        endpoints = n,
+                        outcome = "fanned_out",
+                        "event fanned out to its endpoints"
+                    );
+                    let mut effects: Vec<Effect> = targets
+                        .into_iter()
+                        .map(|(_, aimed)| Effect::Enqueue(aimed))
+                        .collect();
+                    effects.push(Effect::Count(Stat::FannedOut));
+                    effects
+                }
+            },
+            Err(e) => {
+                let failure = Failure {
+                    kind: FailureKind::Retryable,
+                    message: e.to_string(),
+                    status: None,
+                    body: None,
+                    retry_after: None,
+                };
+                let attempt = job.attempt + 1;
+                failed(queue, &ctx.retry, job, attempt, failure)
+            }
+        },
+    }
+}
+
+async fn deliver(
+    ctx: &Context,
+    queue: &str,
+    app: &App,
+    endpoint: Arc<Endpoint>,
+    mut job: Job,
+) -> Vec<Effect> {
+    if ctx.is_gone(&app.id, &endpoint.id) {
+        warn!(
+            outcome = "dead",
+            "endpoint answered 410 Gone before; not delivering"
+        );
+        return dead(queue, job, "endpoint answered 410 Gone earlier; deliveries to it are stopped until a dead letter of it is replayed".into());
+    }
+    let attempt = job.attempt + 1;
+    let span = info_span!("attempt", attempt, scheme = endpoint.scheme.name());
+    async {
+        let now = now_ms();
+        let request = signing::sign(app, &endpoint, &job, (now / 1000) as i64);
+        let result = ctx.deliverer.send(request, endpoint.timeout).await;
+        let elapsed_ms = now_ms().saturating_sub(now);
+        match result {
+            AttemptResult::Delivered { status } => {
+                info!(status, elapsed_ms, outcome = "delivered", "delivered");
+                vec![Effect::Count(Stat::Delivered)]
+            }
+            AttemptResult::Failed(failure) => {
+                if failure.kind == FailureKind::Gone {
+                    ctx.mark_gone(&app.id, &endpoint.id).await;
+                }
+                job.endpoint = Some(endpoint.id.clone());
+                failed(queue, &endpoint.retry, job, attempt, failure)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The outcome of a failed attempt: a retry if the failure allows one and the
+/// schedule has one left, else a dead letter.
+fn failed(
+    queue: &str,
+    policy: &crate::delivery::retry::RetryPolicy,
+    mut job: Job,
+    attempt: u32,
+    failure: Failure,
+) -> Vec<Effect> {
+    record(&mut job, failure.status, Some(failure.message.clone()));
+    job.attempt = attempt;
+    let next = match failure.kind {
+        FailureKind::Retryable => policy.next_delay(attempt, failure.retry_after, &mut rand::rng()),
+        FailureKind::Permanent | FailureKind::Gone => None,
+    };
+    match next {
+        Some(delay) => {
+            warn!(
+                error = failure.message,
+                status = failure.status,
+                retry_in_ms = delay.as_millis() as u64,
+                outcome = "retry",
+                "attempt failed; will retry"
+            );
+            vec![
+                Effect::Schedule {
+                    at_ms: now_ms() + delay.as_millis() as u64,
+                    job,
+                },
+                Effect::Count(Stat::Retried),
+            ]
+        }
+        None => {
+            let reason = match failure.kind {
+                FailureKind::Retryable => {
+                    format!("gave up after {attempt} attempts: {}", failure.message)
+                }
+                FailureKind::Permanent => format!("permanent failure: {}", failure.message),
+                FailureKind::Gone => format!("endpoint is gone: {}", failure.message),
+            };
+            warn!(
+                error = failure.message,
+                status = failure.status,
+                attempts = attempt,
+                outcome = "dead",
+                "delivery dead-lettered"
+            );
+            let mut letter = letter(queue, job, reason);
+            letter.status = failure.status;
+            letter.response_body = failure.body;
+            vec![Effect::DeadLetter(letter), Effect::Count(Stat::Dead)]
+        }
+    }
+}
+
+fn record(job: &mut Job, status: Option<u16>, error: Option<String>) {
+    if job.history.len() >= HISTORY_CAP {
+        job.history.remove(0);
+    }
+    job.history.push(Attempt {
+        at_ms: now_ms(),
+        status,
+        error,
+    });
+}
+
+fn letter(queue: &str, job: Job, reason: String) -> DeadLetter {
+    DeadLetter {
+        queue: queue.to_string(),
+        reason,
+        status: None,
+        response_body: None,
+        attempts: job.attempt,
+        dead_at_ms: now_ms(),
+        job: Some(job),
+        raw: None,
+    }
+}
+
+fn dead(queue: &str, job: Job, reason: String) -> Vec<Effect> {
+    vec![
+        Effect::DeadLetter(letter(queue, job, reason)),
+        Effect::Count(Stat::Dead),
+    ]
+}
