@@ -220,7 +220,8 @@ impl Queue {
     }
 
     /// Puts a dead letter's job back on its queue with a fresh retry schedule
-    /// and the same webhook id, and removes the dead letter, atomically.
+    /// and the same webhook id, and removes the dead letter, atomically. An
+    /// endpoint marked gone (410) is unmarked.
     pub async fn replay(&self, id: &str) -> Result<Job, QueueError> {
         let (queue, entry) = entry::split_dead_letter_id(id)
             .ok_or_else(|| QueueError::BadDeadLetterId(id.into()))?;
@@ -229,6 +230,10 @@ impl Queue {
             return Err(QueueError::NotReplayable(id.into()));
         };
         job.attempt = 0;
+        // Replaying is the operator saying the endpoint works again.
+        if let Some(endpoint) = &job.endpoint {
+            self.set_gone(&job.app_id, endpoint, false).await?;
+        }
         dispatch!(self, q => q.replay(queue, entry, &job).await)?;
         Ok(job)
     }

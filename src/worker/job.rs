@@ -127,7 +127,7 @@ async fn deliver(
     endpoint: Arc<Endpoint>,
     mut job: Job,
 ) -> Vec<Effect> {
-    if ctx.is_gone(&app.id, &endpoint.id) {
+    if ctx.is_gone(&app.id, &endpoint.id).await {
         warn!(
             outcome = "dead",
             "endpoint answered 410 Gone before; not delivering"

@@ -55,9 +55,20 @@ impl Context {
         })
     }
 
-    fn is_gone(&self, app: &str, endpoint: &str) -> bool {
+    fn marked_gone(&self, app: &str, endpoint: &str) -> bool {
         let gone = self.gone.read().unwrap_or_else(|p| p.into_inner());
         !gone.is_empty() && gone.contains(&format!("{app}/{endpoint}"))
+    }
+
+    /// Whether deliveries to the endpoint are stopped. The local copy answers
+    /// the common "no"; a "yes" is confirmed with the queue, since a replay
+    /// elsewhere may have cleared it a moment ago.
+    async fn is_gone(&self, app: &str, endpoint: &str) -> bool {
+        if !self.marked_gone(app, endpoint) {
+            return false;
+        }
+        self.refresh_gone().await;
+        self.marked_gone(app, endpoint)
     }
 
     async fn mark_gone(&self, app: &str, endpoint: &str) {
@@ -149,7 +160,7 @@ struct Lane {
 
 impl Lane {
     async fn run(self, ctx: Arc<Context>, shutdown: CancellationToken) {
-        let lane = Arc::new(self);
+        let lane = self;
         let permits = Arc::new(Semaphore::new(lane.concurrency));
         let (done_tx, done_rx) = mpsc::channel::<Completion>(lane.concurrency.max(BATCH) * 2);
         let scheduled = Arc::new(Notify::new());
@@ -167,18 +178,9 @@ impl Lane {
             scheduled,
             shutdown.clone(),
         ));
-        let reclaimer = tokio::spawn(lane.clone().reclaim_loop(
-            ctx.clone(),
-            permits.clone(),
-            done_tx.clone(),
-            jobs.clone(),
-            shutdown.clone(),
-        ));
-
         lane.read_loop(&ctx, &permits, &done_tx, &jobs, &shutdown)
             .await;
 
-        let _ = reclaimer.await;
         let _ = mover.await;
         jobs.close();
         jobs.wait().await;
@@ -197,6 +199,7 @@ impl Lane {
     ) {
         let mut reader = None;
         let mut backoff = Duration::from_millis(100);
+        let mut last_reclaim = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -207,6 +210,39 @@ impl Lane {
                 match permits.clone().try_acquire_owned() {
                     Ok(p) => held.push(p),
                     Err(_) => break,
+                }
+            }
+            if last_reclaim.elapsed() >= self.reclaim_interval {
+                last_reclaim = tokio::time::Instant::now();
+                // Jobs a dead worker read and never committed.
+                match ctx
+                    .queue
+                    .reclaim(
+                        &self.name,
+                        &self.consumer,
+                        self.visibility_timeout,
+                        held.len(),
+                    )
+                    .await
+                {
+                    Ok(entries) => {
+                        if !entries.is_empty() {
+                            info!(
+                                queue = self.name,
+                                count = entries.len(),
+                                "took over jobs abandoned by a stopped worker"
+                            );
+                        }
+                        for entry in entries {
+                            let permit =
+                                held.pop().expect("never claim more than the permits held");
+                            self.start(ctx, entry, permit, done, jobs);
+                        }
+                    }
+                    Err(e) => warn!(queue = self.name, error = %e, "reclaim failed"),
+                }
+                if held.is_empty() {
+                    continue;
                 }
             }
             if reader.is_none() {
@@ -259,49 +295,6 @@ impl Lane {
             // panicked; the entry then stays pending and is redelivered.
             let _ = done.send(completion).await;
         });
-    }
-
-    async fn reclaim_loop(
-        self: Arc<Self>,
-        ctx: Arc<Context>,
-        permits: Arc<Semaphore>,
-        done: mpsc::Sender<Completion>,
-        jobs: TaskTracker,
-        shutdown: CancellationToken,
-    ) {
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(self.reclaim_interval) => {}
-            }
-            let free = permits.available_permits().min(BATCH);
-            if free == 0 {
-                continue;
-            }
-            match ctx
-                .queue
-                .reclaim(&self.name, &self.consumer, self.visibility_timeout, free)
-                .await
-            {
-                Ok(entries) => {
-                    if !entries.is_empty() {
-                        info!(
-                            queue = self.name,
-                            count = entries.len(),
-                            "took over jobs abandoned by a stopped worker"
-                        );
-                    }
-                    for entry in entries {
-                        let permit = tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-                        };
-                        self.start(&ctx, entry, permit, &done, &jobs);
-                    }
-                }
-                Err(e) => warn!(queue = self.name, error = %e, "reclaim failed"),
-            }
-        }
     }
 }
 

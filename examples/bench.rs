@@ -1,0 +1,745 @@
+//! Run with: cargo run --release --example bench -- --events 200000 --concurrency 256 --redis-url redis://127.0.0.1:6379
+//!
+//! End-to-end throughput of the delivery path: Redis stream → worker →
+//! Pusher-signed HTTP POST → commit (XACK), in one process against a real Redis.
+//!
+//! Modes:
+//! - `burst` (default): enqueue `--events` jobs first (pipelined XADD, batches
+//!   of 1,000), then start the worker and time how long it takes to deliver
+//!   them all. Latency here includes the time each job waited in the queue.
+//! - `steady --rate R`: start the worker, and enqueue at R events/s from a
+//!   producer on its own thread; latency is then enqueue → delivery for a
+//!   worker that keeps up.
+//!
+//! The sink is a loopback HTTP server in this process on its own one-thread
+//! runtime (its own OS thread), answering 200 and recording, per request, the
+//! time since the event was enqueued (the Pusher body's `time_ms`). With
+//! `--sink-url` an external receiver is used instead, and progress is read
+//! from the queue's `delivered` counter (no latency then).
+//!
+//! Every key the run writes starts with its prefix (`wasmhook-bench-<random>`
+//! by default) and is removed at the end.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio_util::sync::CancellationToken;
+
+use wasmhook::config::Settings;
+use wasmhook::event::{Event, Job, now_ms};
+use wasmhook::queue::Queue;
+use wasmhook::service;
+
+/// The queue every bench event goes to (queues are keyed by event type).
+const QUEUE: &str = "client_event";
+const APP_ID: &str = "bench";
+/// Jobs per enqueue call (one pipelined round trip).
+const FILL_BATCH: usize = 1000;
+/// No new delivery for this long: the run is declared stuck.
+const STALL: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RunMode {
+    /// Enqueue every event first, then run the worker until all are delivered.
+    Burst,
+    /// Run the worker while a producer enqueues at --rate events/s.
+    Steady,
+}
+
+#[derive(Debug, Parser)]
+#[command(about = "Delivery throughput and latency benchmark for wasmhook")]
+struct Args {
+    /// Events to deliver.
+    #[arg(long, default_value_t = 200_000)]
+    events: u64,
+    /// queues.concurrency: deliveries in flight at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// An external receiver to deliver to instead of the built-in sink
+    /// (must answer 2xx; latency is then not measured).
+    #[arg(long)]
+    sink_url: Option<String>,
+    /// Key prefix for this run (default: wasmhook-bench-<random>).
+    #[arg(long)]
+    prefix: Option<String>,
+    #[arg(long, value_enum, default_value_t = RunMode::Burst)]
+    mode: RunMode,
+    /// Steady mode: events enqueued per second.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Log the service at info level to stderr (quiet by default).
+    #[arg(long)]
+    log: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.log {
+        wasmhook::telemetry::init(wasmhook::config::LogFormat::Pretty, "info");
+    }
+    if args.events == 0 || args.concurrency == 0 {
+        bail!("--events and --concurrency must be at least 1");
+    }
+    if args.mode == RunMode::Steady && args.rate.unwrap_or(0) == 0 {
+        bail!("--mode steady needs --rate R (events per second, at least 1)");
+    }
+    let prefix = args
+        .prefix
+        .clone()
+        .unwrap_or_else(|| format!("wasmhook-bench-{:08x}", rand::random::<u32>()));
+    if prefix.is_empty() || prefix.contains(['{', '}', '*', '?', '[', ']']) {
+        bail!("--prefix must be non-empty, without {{ }} or glob characters");
+    }
+
+    let machine = machine_summary(&args.redis_url).await;
+    let outcome = run(&args, &prefix).await;
+    let removed = cleanup(&args.redis_url, &prefix).await;
+
+    let report = outcome?;
+    report.print(&args, &prefix, &machine);
+    match removed {
+        Ok(n) => println!("cleanup:     removed {n} keys matching {prefix}:*"),
+        Err(e) => eprintln!("cleanup:     FAILED to remove keys matching {prefix}:*: {e:#}"),
+    }
+    if !report.problems.is_empty() {
+        bail!(
+            "the run finished with problems: {}",
+            report.problems.join("; ")
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The run
+
+struct Report {
+    mode: RunMode,
+    events: u64,
+    fill: Option<(u64, Duration)>,
+    /// Producer in steady mode: events sent and over how long.
+    produced: Option<(u64, Duration)>,
+    /// Worker start → last (Nth) delivery.
+    elapsed: Duration,
+    /// First delivery → last delivery (loopback sink only).
+    first_to_last: Option<Duration>,
+    /// Latencies in ms (loopback sink only).
+    latency: Option<Histogram<u64>>,
+    stats: std::collections::BTreeMap<String, u64>,
+    shutdown: Duration,
+    problems: Vec<String>,
+}
+
+async fn run(args: &Args, prefix: &str) -> anyhow::Result<Report> {
+    let n = args.events;
+    let sink = match &args.sink_url {
+        Some(_) => None,
+        None => Some(start_sink(n)?),
+    };
+    let sink_url = match (&args.sink_url, &sink) {
+        (Some(url), _) => url.clone(),
+        (None, Some(s)) => format!("http://{}/hook", s.addr),
+        (None, None) => unreachable!(),
+    };
+    let settings = bench_settings(args, prefix, &sink_url)?;
+    let queue = service::open_queue(&settings)?;
+    queue.ping().await.context("Redis is not answering")?;
+    let event = sample_event()?;
+
+    let mut fill = None;
+    if args.mode == RunMode::Burst {
+        let started = Instant::now();
+        let bar = bar(n, "filling");
+        let mut sent = 0u64;
+        while sent < n {
+            let k = (n - sent).min(FILL_BATCH as u64) as usize;
+            enqueue_batch(&queue, &event, k).await?;
+            sent += k as u64;
+            bar.set_position(sent);
+        }
+        bar.finish_and_clear();
+        fill = Some((n, started.elapsed()));
+    }
+
+    // The producer of steady mode: its own thread and runtime, so the ticks
+    // that pace it are not held up by the worker's tasks.
+    let stop_producer = Arc::new(AtomicBool::new(false));
+    let producer = match args.mode {
+        RunMode::Steady => Some(start_producer(
+            settings.clone(),
+            event.clone(),
+            n,
+            args.rate.unwrap_or(1),
+            stop_producer.clone(),
+        )),
+        RunMode::Burst => None,
+    };
+
+    let token = CancellationToken::new();
+    let started = Instant::now();
+    let mut worker = tokio::spawn(service::serve(
+        settings.clone(),
+        service::Mode::Worker,
+        None,
+        token.clone(),
+    ));
+
+    let bar = bar(n, "delivered");
+    let mut last_progress = (0u64, Instant::now());
+    let mut problems = Vec::new();
+    let finished_at: Option<Instant> = loop {
+        let count = match &sink {
+            Some(s) => s.state.count.load(Ordering::Relaxed),
+            None => delivered(&queue).await.unwrap_or(last_progress.0),
+        };
+        bar.set_position(count.min(n));
+        if count >= n {
+            break Some(match &sink {
+                Some(s) => *s.state.last.get().expect("set by the Nth delivery"),
+                None => Instant::now(),
+            });
+        }
+        if count != last_progress.0 {
+            last_progress = (count, Instant::now());
+        } else if last_progress.1.elapsed() > STALL {
+            problems.push(format!(
+                "no progress for {STALL:?} at {count} of {n} deliveries"
+            ));
+            break None;
+        }
+        let nap = tokio::time::sleep(Duration::from_millis(if sink.is_some() { 100 } else { 50 }));
+        tokio::select! {
+            _ = nap => {}
+            _ = async { sink.as_ref().expect("guarded").state.done.notified().await }, if sink.is_some() => {}
+            joined = &mut worker => {
+                let why = match joined {
+                    Ok(Ok(())) => "the worker stopped on its own".to_string(),
+                    Ok(Err(e)) => format!("the worker failed: {e:#}"),
+                    Err(e) => format!("the worker panicked: {e}"),
+                };
+                bar.abandon();
+                stop_producer.store(true, Ordering::Relaxed);
+                bail!("{why}");
+            }
+            _ = tokio::signal::ctrl_c() => {
+                problems.push("interrupted".into());
+                break None;
+            }
+        }
+    };
+    bar.finish_and_clear();
+    let elapsed = finished_at.map_or(started.elapsed(), |t| t.duration_since(started));
+
+    stop_producer.store(true, Ordering::Relaxed);
+    let produced = match producer {
+        Some(handle) => match handle.join() {
+            Ok(Ok(p)) => Some(p),
+            Ok(Err(e)) => {
+                problems.push(format!("producer failed: {e:#}"));
+                None
+            }
+            Err(_) => {
+                problems.push("producer panicked".into());
+                None
+            }
+        },
+        None => None,
+    };
+
+    // Stop the worker: it finishes and commits what it holds.
+    let stopping = Instant::now();
+    token.cancel();
+    match tokio::time::timeout(Duration::from_secs(60), &mut worker).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => problems.push(format!("worker failed: {e:#}")),
+        Ok(Err(e)) => problems.push(format!("worker panicked: {e}")),
+        Err(_) => {
+            worker.abort();
+            problems.push("worker did not stop within 60s".into());
+        }
+    }
+    let shutdown = stopping.elapsed();
+
+    let stats = queue.stats(QUEUE).await.unwrap_or_default();
+    let got = |k: &str| stats.get(k).copied().unwrap_or(0);
+    if finished_at.is_some() && got("delivered") != n {
+        problems.push(format!(
+            "the queue counted {} delivered, expected {n}",
+            got("delivered")
+        ));
+    }
+    for k in ["retried", "dead", "dropped", "unrouted"] {
+        if got(k) > 0 {
+            problems.push(format!("{} {k}", got(k)));
+        }
+    }
+    let (first_to_last, latency) = match &sink {
+        Some(s) => {
+            let bad = s.state.bad.load(Ordering::Relaxed);
+            if bad > 0 {
+                problems.push(format!(
+                    "{bad} requests at the sink without a signature or a leading time_ms"
+                ));
+            }
+            let received = s.state.count.load(Ordering::Relaxed);
+            if received > n {
+                problems.push(format!(
+                    "the sink received {received} requests for {n} events (duplicates)"
+                ));
+            }
+            let first_to_last = match (s.state.first.get(), s.state.last.get()) {
+                (Some(a), Some(b)) => Some(b.duration_since(*a)),
+                _ => None,
+            };
+            let hist = s
+                .state
+                .hist
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            (first_to_last, Some(hist))
+        }
+        None => (None, None),
+    };
+    Ok(Report {
+        mode: args.mode,
+        events: n,
+        fill,
+        produced,
+        elapsed,
+        first_to_last,
+        latency,
+        stats,
+        shutdown,
+        problems,
+    })
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{elapsed_precise}} {what:>9} [{{bar:40}}] {{pos}}/{{len}} ({{per_sec}}, eta {{eta}})"
+        ))
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+async fn delivered(queue: &Queue) -> anyhow::Result<u64> {
+    Ok(queue
+        .stats(QUEUE)
+        .await?
+        .get("delivered")
+        .copied()
+        .unwrap_or(0))
+}
+
+// ---------------------------------------------------------------------------
+// Settings and events
+
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+fn bench_settings(args: &Args, prefix: &str, sink_url: &str) -> anyhow::Result<Settings> {
+    let text = format!(
+        r#"
+[redis]
+url = {redis}
+prefix = {prefix}
+
+[server]
+listen = "127.0.0.1:0"
+echo = false
+
+[queues]
+names = ["{QUEUE}"]
+concurrency = {concurrency}
+
+[[apps]]
+id = "{APP_ID}"
+key = "bench-key"
+secret = "bench-secret-0123456789abcdef"
+ingest_token = "bench-token"
+
+[[apps.webhooks]]
+url = {sink}
+scheme = "pusher"
+"#,
+        redis = toml_str(&args.redis_url),
+        prefix = toml_str(prefix),
+        concurrency = args.concurrency,
+        sink = toml_str(sink_url),
+    );
+    wasmhook::config::load_from(None, Some(&text), std::iter::empty())
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// A Pusher client event of about 1 KB as it sits in the queue: channel,
+/// event, a JSON-encoded `data` string and the sender's socket id.
+fn sample_event() -> anyhow::Result<Event> {
+    let text = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod \
+                tempor incididunt ut labore et dolore magna aliqua. Ut enim ad minim veniam, \
+                quis nostrud exercitation ullamco laboris nisi ut aliquip ex ea commodo consequat. ";
+    let data = serde_json::json!({
+        "message_id": "6b3c1f0e-8a4d-4f2b-9c7e-2d5a1b0c9e8f",
+        "user": {"id": "user-48213", "name": "Ada Example", "avatar": "https://cdn.example.com/a/48213.png"},
+        "text": text.repeat(3),
+        "sent_at": "2025-11-27T12:00:00.000Z",
+        "reply_to": null,
+        "tags": ["support", "priority-normal"],
+    });
+    let event = Event::from_json(serde_json::json!({
+        "name": QUEUE,
+        "channel": "private-chat-room-48213",
+        "event": "client-message",
+        "data": data.to_string(),
+        "socket_id": "123456.7890123",
+        "user_id": "user-48213",
+    }))?;
+    Ok(event)
+}
+
+async fn enqueue_batch(queue: &Queue, event: &Event, k: usize) -> anyhow::Result<()> {
+    let created_ms = now_ms();
+    let jobs: Vec<(String, Job)> = (0..k)
+        .map(|_| {
+            (
+                QUEUE.to_string(),
+                Job::new(APP_ID, event.clone(), created_ms),
+            )
+        })
+        .collect();
+    queue.enqueue(&jobs).await.context("enqueueing")?;
+    Ok(())
+}
+
+/// Enqueues `n` events at `rate` per second (in small batches every 5 ms),
+/// on its own thread and runtime.
+fn start_producer(
+    settings: Settings,
+    event: Event,
+    n: u64,
+    rate: u64,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<anyhow::Result<(u64, Duration)>> {
+    std::thread::Builder::new()
+        .name("bench-producer".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let queue = service::open_queue(&settings)?;
+                let started = Instant::now();
+                let mut tick = tokio::time::interval(Duration::from_millis(5));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let mut sent = 0u64;
+                while sent < n && !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(n);
+                    while sent < due {
+                        let k = (due - sent).min(FILL_BATCH as u64) as usize;
+                        enqueue_batch(&queue, &event, k).await?;
+                        sent += k as u64;
+                    }
+                }
+                Ok((sent, started.elapsed()))
+            })
+        })
+        .expect("spawning the producer thread")
+}
+
+// ---------------------------------------------------------------------------
+// The loopback sink
+
+struct SinkState {
+    target: u64,
+    count: AtomicU64,
+    /// Requests without a signature or without a leading `time_ms`.
+    bad: AtomicU64,
+    hist: Mutex<Histogram<u64>>,
+    first: OnceLock<Instant>,
+    /// When the target-th request arrived.
+    last: OnceLock<Instant>,
+    done: tokio::sync::Notify,
+}
+
+struct Sink {
+    addr: SocketAddr,
+    state: Arc<SinkState>,
+}
+
+/// Binds 127.0.0.1:0 and serves on a one-thread runtime in its own OS thread,
+/// so the sink does not share the worker's scheduler.
+fn start_sink(target: u64) -> anyhow::Result<Sink> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the sink")?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let state = Arc::new(SinkState {
+        target,
+        count: AtomicU64::new(0),
+        bad: AtomicU64::new(0),
+        hist: Mutex::new(Histogram::new_with_max(3_600_000, 3).expect("valid bounds")),
+        first: OnceLock::new(),
+        last: OnceLock::new(),
+        done: tokio::sync::Notify::new(),
+    });
+    let shared = state.clone();
+    std::thread::Builder::new()
+        .name("bench-sink".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("building the sink runtime");
+            rt.block_on(async move {
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).expect("adopting the sink socket");
+                let app = axum::Router::new()
+                    .route("/hook", axum::routing::post(receive))
+                    .with_state(shared);
+                if let Err(e) = axum::serve(listener, app).await {
+                    eprintln!("sink stopped: {e}");
+                }
+            });
+        })?;
+    Ok(Sink { addr, state })
+}
+
+async fn receive(State(s): State<Arc<SinkState>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let now = now_ms();
+    match leading_time_ms(&body) {
+        Some(t) if headers.contains_key("x-pusher-signature") => {
+            s.hist
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .saturating_record(now.saturating_sub(t));
+        }
+        _ => {
+            s.bad.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let seen = s.count.fetch_add(1, Ordering::Relaxed) + 1;
+    if seen == 1 {
+        let _ = s.first.set(Instant::now());
+    }
+    if seen == s.target {
+        let _ = s.last.set(Instant::now());
+        s.done.notify_one();
+    }
+    StatusCode::OK
+}
+
+/// The digits of a body that starts `{"time_ms":<digits>,`, without parsing
+/// the rest.
+fn leading_time_ms(body: &[u8]) -> Option<u64> {
+    let rest = body.strip_prefix(br#"{"time_ms":"#)?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || digits > 19 || rest.get(digits) != Some(&b',') {
+        return None;
+    }
+    Some(
+        rest[..digits]
+            .iter()
+            .fold(0u64, |v, b| v * 10 + u64::from(b - b'0')),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Cleanup and the machine
+
+/// Removes every key of the run: SCAN MATCH <prefix>:* and UNLINK.
+async fn cleanup(redis_url: &str, prefix: &str) -> anyhow::Result<u64> {
+    let client = redis::Client::open(redis_url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let pattern = format!("{prefix}:*");
+    let mut cursor: u64 = 0;
+    let mut removed = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            let n: u64 = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await?;
+            removed += n;
+        }
+        if next == 0 {
+            return Ok(removed);
+        }
+        cursor = next;
+    }
+}
+
+struct Machine {
+    nproc: usize,
+    cpu: String,
+    mem: String,
+    redis: String,
+}
+
+async fn machine_summary(redis_url: &str) -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == "model name").then(|| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                let kb: u64 = l
+                    .strip_prefix("MemTotal:")?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Some(format!("{:.1} GiB RAM", kb as f64 / 1024.0 / 1024.0))
+            })
+        })
+        .unwrap_or_else(|| "RAM unknown".into());
+    let redis = async {
+        let client = redis::Client::open(redis_url).ok()?;
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .map(|v| v.trim().to_string())
+    }
+    .await
+    .unwrap_or_else(|| "unknown".into());
+    Machine {
+        nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu,
+        mem,
+        redis,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Output
+
+impl Report {
+    fn print(&self, args: &Args, prefix: &str, m: &Machine) {
+        let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64().max(1e-9);
+        println!(
+            "machine:     {} CPUs, {}, {}, Redis {}",
+            m.nproc, m.cpu, m.mem, m.redis
+        );
+        println!(
+            "run:         mode {:?}, {} events, concurrency {}, sink {}, prefix {prefix}",
+            self.mode,
+            self.events,
+            args.concurrency,
+            args.sink_url.as_deref().unwrap_or("built-in loopback"),
+        );
+        if let Some((n, d)) = self.fill {
+            println!(
+                "fill:        {n} events in {:.3} s = {:.0} events/s (pipelined XADD, {FILL_BATCH} per batch)",
+                d.as_secs_f64(),
+                rate(n, d)
+            );
+        }
+        if let Some((n, d)) = self.produced {
+            println!(
+                "producer:    {n} events in {:.3} s = {:.0} events/s (target {}/s)",
+                d.as_secs_f64(),
+                rate(n, d),
+                args.rate.unwrap_or(0)
+            );
+        }
+        println!(
+            "elapsed:     {:.3} s from worker start to the last delivery",
+            self.elapsed.as_secs_f64()
+        );
+        println!(
+            "throughput:  {:.0} deliveries/s",
+            rate(self.events, self.elapsed)
+        );
+        if let Some(d) = self.first_to_last {
+            println!(
+                "             {:.0} deliveries/s from first to last delivery ({:.3} s)",
+                rate(self.events.saturating_sub(1), d),
+                d.as_secs_f64()
+            );
+        }
+        match &self.latency {
+            Some(h) if h.len() > 0 => {
+                let what = match self.mode {
+                    RunMode::Burst => {
+                        "enqueue → delivery; burst mode: includes the time spent waiting in the queue (all events are queued before the worker starts)"
+                    }
+                    RunMode::Steady => "enqueue → delivery at the sink, with the worker running",
+                };
+                println!(
+                    "latency ms:  p50 {} / p99 {} / p99.9 {} / max {}  ({what}; 1 ms resolution)",
+                    h.value_at_quantile(0.50),
+                    h.value_at_quantile(0.99),
+                    h.value_at_quantile(0.999),
+                    h.max()
+                );
+            }
+            Some(_) => println!("latency:     no samples"),
+            None => println!("latency:     not measured (external sink)"),
+        }
+        let counters: Vec<String> = self.stats.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "queue:       {}; worker stopped in {:.3} s",
+            if counters.is_empty() {
+                "no counters".to_string()
+            } else {
+                counters.join(" ")
+            },
+            self.shutdown.as_secs_f64()
+        );
+        for p in &self.problems {
+            println!("PROBLEM:     {p}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::leading_time_ms;
+
+    #[test]
+    fn reads_the_leading_time_ms() {
+        assert_eq!(
+            leading_time_ms(br#"{"time_ms":1764201600000,"events":[]}"#),
+            Some(1764201600000)
+        );
+        assert_eq!(leading_time_ms(br#"{"time_ms":,"events":[]}"#), None);
+        assert_eq!(leading_time_ms(br#"{"events":[],"time_ms":1}"#), None);
+        assert_eq!(leading_time_ms(br#"{"time_ms":12"#), None);
+    }
+}

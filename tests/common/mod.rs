@@ -1,0 +1,504 @@
+//! Test harness: a real `redis-server` on a free port, a real HTTP receiver on
+//! 127.0.0.1:0 that records what arrives, independent signature checks, and
+//! helpers to run wasmhook in-process or as a child process.
+
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::net::TcpListener as StdListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tokio_util::sync::CancellationToken;
+
+pub const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub const APP_SECRET: &str = "app-secret";
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A private redis-server, killed on drop.
+pub struct RedisServer {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..5 {
+            let port = free_port();
+            let child = std::process::Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--protected-mode",
+                    "no",
+                ])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (apt-get install redis-server)");
+            let url = format!("redis://127.0.0.1:{port}");
+            let mut server = RedisServer {
+                child: Some(child),
+                port,
+                url,
+                _dir: tempfile::tempdir().unwrap(),
+            };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(client) = redis::Client::open(server.url.as_str())
+                    && let Ok(mut conn) = client.get_connection()
+                    && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+                {
+                    server._dir = dir;
+                    return server;
+                }
+                if let Some(Ok(Some(_))) = server.child.as_mut().map(|c| c.try_wait()) {
+                    break; // port taken meanwhile: try another
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            server.stop();
+        }
+        panic!("could not start redis-server");
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One request as the receiver got it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// Status the receiver answered.
+    pub status: u16,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+#[derive(Default)]
+struct Script {
+    /// Statuses to answer, in order; then `fallback`.
+    replies: VecDeque<u16>,
+    fallback: Option<u16>,
+    delay: Duration,
+    retry_after: Option<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    scripts: HashMap<String, Script>,
+    received: Vec<Received>,
+    /// Requests that have arrived, answered or not.
+    arrived: HashMap<String, usize>,
+}
+
+/// A real HTTP server on 127.0.0.1:0 that records every request.
+#[derive(Clone)]
+pub struct Receiver {
+    pub base: String,
+    inner: Arc<Mutex<Inner>>,
+}
+
+async fn receive(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
+    let (status, delay, retry_after) = {
+        let mut i = inner.lock().unwrap();
+        *i.arrived.entry(path.clone()).or_default() += 1;
+        let s = i.scripts.entry(path.clone()).or_default();
+        let status = s.replies.pop_front().or(s.fallback).unwrap_or(200);
+        (status, s.delay, s.retry_after.clone())
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    inner.lock().unwrap().received.push(Received {
+        path,
+        headers,
+        body,
+        status,
+    });
+    let mut response = (StatusCode::from_u16(status).unwrap(), "receiver says hi").into_response();
+    if let Some(ra) = retry_after {
+        response
+            .headers_mut()
+            .insert("retry-after", ra.parse().unwrap());
+    }
+    response
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        wasmhook::delivery::install_crypto_provider();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let inner: Arc<Mutex<Inner>> = Arc::default();
+        let app = axum::Router::new()
+            .route("/{path}", axum::routing::post(receive))
+            .with_state(inner.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Receiver { base, inner }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/{path}", self.base)
+    }
+
+    /// Answer these statuses in order, then `then`.
+    pub fn script(&self, path: &str, replies: &[u16], then: u16) {
+        let mut i = self.inner.lock().unwrap();
+        let s = i.scripts.entry(path.to_string()).or_default();
+        s.replies = replies.iter().copied().collect();
+        s.fallback = Some(then);
+    }
+
+    pub fn delay(&self, path: &str, delay: Duration) {
+        self.inner
+            .lock()
+            .unwrap()
+            .scripts
+            .entry(path.to_string())
+            .or_default()
+            .delay = delay;
+    }
+
+    pub fn retry_after(&self, path: &str, value: &str) {
+        self.inner
+            .lock()
+            .unwrap()
+            .scripts
+            .entry(path.to_string())
+            .or_default()
+            .retry_after = Some(value.to_string());
+    }
+
+    pub fn received(&self, path: &str) -> Vec<Received> {
+        self.inner
+            .lock()
+            .unwrap()
+            .received
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
+            .collect()
+    }
+
+    pub fn arrived(&self, path: &str) -> usize {
+        self.inner
+            .lock()
+            .unwrap()
+            .arrived
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Waits until `path` has answered at least `n` requests.
+    pub async fn wait_for(&self, path: &str, n: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.received(path);
+            if got.len() >= n {
+                return got;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{path}: {} of {n} requests arrived within {timeout:?}",
+                    got.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Checks a Pusher request the way a receiver would, with its own HMAC.
+pub fn verify_pusher(r: &Received, key: &str, secret: &str) {
+    assert_eq!(r.header("x-pusher-key"), key);
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(&r.body);
+    let expected = hex::encode(mac.finalize().into_bytes());
+    assert_eq!(
+        r.header("x-pusher-signature"),
+        expected,
+        "Pusher signature does not verify"
+    );
+    assert_eq!(r.header("content-type"), "application/json");
+}
+
+/// Checks a Standard Webhooks request the way a receiver would.
+pub fn verify_standard(r: &Received, secret: &str) {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let key = b64.decode(secret.strip_prefix("whsec_").unwrap()).unwrap();
+    let id = r.header("webhook-id");
+    let ts = r.header("webhook-timestamp");
+    assert!(id.starts_with("msg_"), "webhook-id {id:?}");
+    let ts_num: u64 = ts.parse().expect("webhook-timestamp is unix seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(now.abs_diff(ts_num) < 300, "timestamp within tolerance");
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{ts}.").as_bytes());
+    mac.update(&r.body);
+    let expected = format!("v1,{}", b64.encode(mac.finalize().into_bytes()));
+    let signatures: Vec<&str> = r.header("webhook-signature").split(' ').collect();
+    assert!(
+        signatures.contains(&expected.as_str()),
+        "no webhook-signature entry verifies: {signatures:?}"
+    );
+}
+
+/// Config text for tests: fast schedules, short intervals, Redis at `redis`
+/// with its own prefix, and the given `[[apps]]` text.
+pub fn config(redis: Option<&str>, prefix: &str, listen: &str, apps: &str) -> String {
+    let redis = match redis {
+        Some(url) => format!("url = \"{url}\"\n"),
+        None => String::new(),
+    };
+    format!(
+        r#"
+[redis]
+{redis}prefix = "{prefix}"
+
+[server]
+listen = "{listen}"
+
+[queues]
+concurrency = 16
+visibility_timeout = "3s"
+reclaim_interval = "200ms"
+discover_interval = "100ms"
+
+[retry]
+schedule = ["0ms", "50ms", "100ms"]
+jitter = 0.0
+
+[delivery]
+timeout = "1s"
+
+[log]
+level = "wasmhook=debug,warn"
+
+{apps}
+"#
+    )
+}
+
+/// One app with the given endpoints text (`[[apps.webhooks]]` tables).
+pub fn app(id: &str, webhooks: &str) -> String {
+    format!(
+        r#"
+[[apps]]
+id = "{id}"
+key = "{id}-key"
+secret = "{APP_SECRET}"
+ingest_token = "{id}-token"
+{webhooks}
+"#
+    )
+}
+
+pub fn pusher_endpoint(url: &str) -> String {
+    format!("\n[[apps.webhooks]]\nurl = \"{url}\"\n")
+}
+
+pub fn standard_endpoint(url: &str) -> String {
+    format!(
+        "\n[[apps.webhooks]]\nurl = \"{url}\"\nscheme = \"standard\"\nsecrets = [\"{WHSEC}\"]\n"
+    )
+}
+
+pub fn settings(text: &str) -> wasmhook::config::Settings {
+    wasmhook::config::load_from(
+        Some("test.toml".into()),
+        Some(text),
+        Vec::<(String, String)>::new(),
+    )
+    .unwrap()
+}
+
+pub fn prefix(name: &str) -> String {
+    format!("t-{name}-{}", std::process::id())
+}
+
+/// wasmhook running in this process (ingest and worker).
+pub struct Running {
+    pub stop: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub ingest: String,
+}
+
+impl Running {
+    pub async fn start(text: &str, mode: wasmhook::service::Mode) -> Running {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ingest = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(wasmhook::service::serve(
+            settings(text),
+            mode,
+            Some(listener),
+            stop.clone(),
+        ));
+        Running { stop, task, ingest }
+    }
+
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("stops in time")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+pub fn queue(text: &str) -> wasmhook::queue::Queue {
+    wasmhook::service::open_queue(&settings(text)).unwrap()
+}
+
+/// The wasmhook binary as a child process.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_wasmhook"))
+}
+
+pub fn write_config(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+    let path = dir.path().join("wasmhook.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn spawn_serve(config: &std::path::Path, mode: &str) -> tokio::process::Child {
+    tokio::process::Command::new(binary())
+        .args(["serve", "--mode", mode, "--config"])
+        .arg(config)
+        .env("RUST_LOG", "wasmhook=info,warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+pub async fn run_cli(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(binary())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn signal(child: &tokio::process::Child, sig: i32) {
+    let pid = child.id().expect("child still running") as i32;
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+}
+
+/// Polls `f` until it returns Some, or panics after `timeout`.
+pub async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn post_events(
+    ingest: &str,
+    app: &str,
+    token: Option<&str>,
+    body: impl Into<reqwest::Body>,
+) -> (u16, serde_json::Value) {
+    wasmhook::delivery::install_crypto_provider();
+    let mut req = reqwest::Client::new()
+        .post(format!("{ingest}/v1/apps/{app}/events"))
+        .body(body)
+        .header("content-type", "application/json");
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.bytes().await.unwrap();
+    (
+        status,
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    )
+}

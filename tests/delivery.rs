@@ -1,0 +1,627 @@
+//! Delivery end to end through a real Redis and a real receiver, with
+//! wasmhook running in this process.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use wasmhook::event::{Event, Job, now_ms};
+use wasmhook::service::Mode;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn send(ingest: &str, app: &str, event: serde_json::Value) -> String {
+    let (status, body) = post_events(
+        ingest,
+        app,
+        Some(&format!("{app}-token")),
+        event.to_string(),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    body["ids"][0].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_to_pusher_and_standard_endpoints_with_verifiable_signatures() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let endpoints = pusher_endpoint(&rx.url("pusher")) + &standard_endpoint(&rx.url("std"));
+    let text = config(
+        Some(&redis.url),
+        &prefix("both"),
+        "127.0.0.1:0",
+        &app("app-1", &endpoints),
+    );
+    let wh = Running::start(&text, Mode::All).await;
+
+    let event = json!({"name": "client_event", "channel": "private-orders", "event": "client-typing", "data": "{\"order\":17}", "socket_id": "123.456"});
+    let id = send(&wh.ingest, "app-1", event.clone()).await;
+
+    let pusher = rx.wait_for("pusher", 1, WAIT).await;
+    verify_pusher(&pusher[0], "app-1-key", APP_SECRET);
+    let body = pusher[0].json();
+    assert_eq!(
+        body["events"][0], event,
+        "Pusher body carries the event as sent"
+    );
+    assert!(body["time_ms"].as_u64().unwrap() > 1_700_000_000_000);
+
+    let standard = rx.wait_for("std", 1, WAIT).await;
+    verify_standard(&standard[0], WHSEC);
+    assert_eq!(
+        standard[0].header("webhook-id"),
+        id,
+        "webhook-id is the id the ingest answered"
+    );
+    let body = standard[0].json();
+    assert_eq!(body["type"], "client_event");
+    assert_eq!(body["data"], event);
+    assert!(body["timestamp"].as_str().unwrap().ends_with('Z'));
+    assert!(standard[0].header("user-agent").starts_with("wasmhook/"));
+
+    // Exactly once each, and the queue is left empty.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.received("pusher").len(), 1);
+    assert_eq!(rx.received("std").len(), 1);
+    let q = queue(&text);
+    let depth = q.depth("client_event").await.unwrap();
+    assert_eq!(
+        (depth.ready, depth.in_flight, depth.delayed, depth.dead),
+        (0, 0, 0, 0)
+    );
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_500_is_retried_and_delivered_on_the_second_attempt() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    rx.script("flaky", &[500], 200);
+    let text = config(
+        Some(&redis.url),
+        &prefix("retry"),
+        "127.0.0.1:0",
+        &app("app-1", &standard_endpoint(&rx.url("flaky"))),
+    );
+    let wh = Running::start(&text, Mode::All).await;
+
+    let id = send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "channel_occupied", "channel": "c"}),
+    )
+    .await;
+    let got = rx.wait_for("flaky", 2, WAIT).await;
+    assert_eq!(got[0].status, 500);
+    assert_eq!(got[1].status, 200);
+    assert_eq!(got[0].header("webhook-id"), id);
+    assert_eq!(
+        got[1].header("webhook-id"),
+        id,
+        "the retry keeps the webhook id"
+    );
+    assert_eq!(got[0].body, got[1].body, "the retry sends the same bytes");
+    verify_standard(&got[1], WHSEC);
+
+    let q = queue(&text);
+    let stats = eventually("outcome recorded", WAIT, async || {
+        let s = q.stats("channel_occupied").await.unwrap();
+        (s.get("delivered") == Some(&1)).then_some(s)
+    })
+    .await;
+    assert_eq!(stats.get("retried"), Some(&1));
+    assert_eq!(stats.get("dead"), None);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        rx.received("flaky").len(),
+        2,
+        "one success, nothing after it"
+    );
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_run_out_into_the_dead_letter_queue_with_every_attempt() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    rx.script("down", &[], 503);
+    let text = config(
+        Some(&redis.url),
+        &prefix("exhaust"),
+        "127.0.0.1:0",
+        &app("app-1", &pusher_endpoint(&rx.url("down"))),
+    );
+    let wh = Running::start(&text, Mode::All).await;
+    send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "member_added", "channel": "presence-a", "user_id": "42"}),
+    )
+    .await;
+
+    let q = queue(&text);
+    let letters = eventually("dead letter", WAIT, async || {
+        let l = q.dead_letters("member_added", 10).await.unwrap();
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    assert_eq!(
+        rx.received("down").len(),
+        3,
+        "the schedule has three attempts"
+    );
+    let (_, letter) = &letters[0];
+    assert_eq!(letter.attempts, 3);
+    assert_eq!(letter.status, Some(503));
+    assert!(
+        letter
+            .reason
+            .starts_with("gave up after 3 attempts: HTTP 503"),
+        "{}",
+        letter.reason
+    );
+    assert_eq!(letter.response_body.as_deref(), Some("receiver says hi"));
+    let job = letter.job.as_ref().unwrap();
+    assert_eq!(job.history.len(), 3);
+    assert!(job.history.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+    assert!(job.history.iter().all(|a| a.status == Some(503)));
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_400_is_dead_lettered_at_once_and_replay_delivers_it_with_the_same_id() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    rx.script("strict", &[400], 200);
+    let text = config(
+        Some(&redis.url),
+        &prefix("replay"),
+        "127.0.0.1:0",
+        &app("app-1", &standard_endpoint(&rx.url("strict"))),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &text);
+    let wh = Running::start(&text, Mode::All).await;
+    let id = send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "client_event", "channel": "c", "data": "{}"}),
+    )
+    .await;
+
+    let q = queue(&text);
+    let letters = eventually("dead letter", WAIT, async || {
+        let l = q.dead_letters("client_event", 10).await.unwrap();
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    assert_eq!(
+        letters[0].1.attempts, 1,
+        "a permanent failure is not retried"
+    );
+    assert!(
+        letters[0]
+            .1
+            .reason
+            .starts_with("permanent failure: HTTP 400")
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.received("strict").len(), 1);
+
+    // The CLI lists it, shows it, and replays it.
+    let (ok, out, err) = run_cli(&path, &["dlq", "list", "--json"]).await;
+    assert!(ok, "{err}");
+    let listed: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let dlq_id = listed["id"].as_str().unwrap().to_string();
+    assert_eq!(dlq_id, letters[0].0);
+    assert_eq!(listed["dead_letter"]["job"]["id"], id);
+    let (ok, out, _) = run_cli(&path, &["dlq", "show", &dlq_id]).await;
+    assert!(ok && out.contains("permanent failure"), "{out}");
+    let (ok, out, err) = run_cli(&path, &["dlq", "replay", &dlq_id]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains(&id), "{out}");
+
+    let got = rx.wait_for("strict", 2, WAIT).await;
+    assert_eq!(got[1].status, 200);
+    assert_eq!(
+        got[1].header("webhook-id"),
+        id,
+        "replay keeps the webhook id"
+    );
+    verify_standard(&got[1], WHSEC);
+    eventually("dead letter gone", WAIT, async || {
+        q.dead_letters("client_event", 10)
+            .await
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    let (ok, out, _) = run_cli(&path, &["dlq", "replay", &dlq_id]).await;
+    assert!(!ok, "a replayed letter is gone: {out}");
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_one_endpoint_fails_the_other_gets_the_event_exactly_once() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    rx.script("bad", &[500, 500], 200);
+    let endpoints = pusher_endpoint(&rx.url("good")) + &pusher_endpoint(&rx.url("bad"));
+    let text = config(
+        Some(&redis.url),
+        &prefix("fanout"),
+        "127.0.0.1:0",
+        &app("app-1", &endpoints),
+    );
+    let wh = Running::start(&text, Mode::All).await;
+    send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "channel_vacated", "channel": "c"}),
+    )
+    .await;
+
+    let bad = rx.wait_for("bad", 3, WAIT).await;
+    assert_eq!(
+        bad.iter().map(|r| r.status).collect::<Vec<_>>(),
+        [500, 500, 200]
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let good = rx.received("good");
+    assert_eq!(
+        good.len(),
+        1,
+        "the endpoint that succeeded never gets the event again"
+    );
+    assert_eq!(good[0].body, bad[2].body, "both get the same event");
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_types_and_soketi_filters_pick_the_endpoints() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let endpoints = format!(
+        "{}event_types = [\"channel_occupied\"]\n{}filter = {{ channel_name_starts_with = \"private-\", channel_name_ends_with = \"-orders\" }}\n",
+        pusher_endpoint(&rx.url("occupied")),
+        pusher_endpoint(&rx.url("orders"))
+    );
+    let text = config(
+        Some(&redis.url),
+        &prefix("filters"),
+        "127.0.0.1:0",
+        &app("app-1", &endpoints),
+    );
+    let wh = Running::start(&text, Mode::All).await;
+    for (name, channel) in [
+        ("channel_occupied", "public-x"),
+        ("client_event", "private-eu-orders"),
+        ("client_event", "private-eu-users"),
+        ("channel_occupied", "private-a-orders"),
+    ] {
+        send(
+            &wh.ingest,
+            "app-1",
+            json!({"name": name, "channel": channel}),
+        )
+        .await;
+    }
+    rx.wait_for("occupied", 2, WAIT).await;
+    rx.wait_for("orders", 2, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let channels = |p: &str| {
+        let mut c: Vec<String> = rx
+            .received(p)
+            .iter()
+            .map(|r| {
+                r.json()["events"][0]["channel"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        c.sort();
+        c
+    };
+    assert_eq!(channels("occupied"), ["private-a-orders", "public-x"]);
+    assert_eq!(
+        channels("orders"),
+        ["private-a-orders", "private-eu-orders"]
+    );
+    let q = queue(&text);
+    assert_eq!(
+        q.stats("client_event").await.unwrap().get("unrouted"),
+        Some(&1)
+    );
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured_and_410_stops_an_endpoint() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    rx.script("slow-down", &[429], 200);
+    rx.retry_after("slow-down", "1");
+    rx.script("gone", &[410], 200);
+    let endpoints = format!(
+        "{}event_types = [\"client_event\"]\n{}event_types = [\"cache_miss\"]\n",
+        standard_endpoint(&rx.url("slow-down")),
+        standard_endpoint(&rx.url("gone"))
+    );
+    let text = config(
+        Some(&redis.url),
+        &prefix("ra"),
+        "127.0.0.1:0",
+        &app("app-1", &endpoints),
+    );
+    let wh = Running::start(&text, Mode::All).await;
+
+    send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "client_event", "channel": "c"}),
+    )
+    .await;
+    let got = rx.wait_for("slow-down", 2, WAIT).await;
+    let t0: u64 = got[0].header("webhook-timestamp").parse().unwrap();
+    let t1: u64 = got[1].header("webhook-timestamp").parse().unwrap();
+    assert!(
+        t1 > t0,
+        "the second attempt waited for Retry-After (1 s), not the 50 ms schedule"
+    );
+
+    send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "cache_miss", "channel": "cache-x"}),
+    )
+    .await;
+    rx.wait_for("gone", 1, WAIT).await;
+    send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "cache_miss", "channel": "cache-y"}),
+    )
+    .await;
+    let q = queue(&text);
+    let letters = eventually("two dead letters", WAIT, async || {
+        let l = q.dead_letters("cache_miss", 10).await.unwrap();
+        (l.len() == 2).then_some(l)
+    })
+    .await;
+    assert!(
+        letters[0].1.reason.starts_with("endpoint is gone"),
+        "{}",
+        letters[0].1.reason
+    );
+    assert!(
+        letters[1].1.reason.contains("410 Gone earlier"),
+        "{}",
+        letters[1].1.reason
+    );
+    assert_eq!(
+        rx.received("gone").len(),
+        1,
+        "nothing is sent to a gone endpoint"
+    );
+
+    // Replaying clears the mark: the endpoint (now answering 200) gets it.
+    q.replay(&letters[1].0).await.unwrap();
+    let got = rx.wait_for("gone", 2, WAIT).await;
+    assert_eq!(got[1].status, 200);
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_queue_entry_is_dead_lettered_and_the_next_job_still_flows() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let p = prefix("malformed");
+    let text = config(
+        Some(&redis.url),
+        &p,
+        "127.0.0.1:0",
+        &app("app-1", &pusher_endpoint(&rx.url("hook"))),
+    );
+    let wh = Running::start(&text, Mode::All).await;
+
+    let mut conn = redis.conn();
+    let stream = format!("{p}:{{client_event}}:stream");
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("job")
+        .arg("{this is not json")
+        .query(&mut conn)
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("other")
+        .arg("field")
+        .query(&mut conn)
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("job")
+        .arg(r#"{"app_id":"nope","event":{"name":"client_event"}}"#)
+        .query(&mut conn)
+        .unwrap();
+    // A producer writing the documented minimal format.
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("job")
+        .arg(r#"{"app_id":"app-1","event":{"name":"client_event","channel":"private-a","data":"{}"}}"#)
+        .query(&mut conn)
+        .unwrap();
+
+    let got = rx.wait_for("hook", 1, WAIT).await;
+    verify_pusher(&got[0], "app-1-key", APP_SECRET);
+    assert_eq!(got[0].json()["events"][0]["channel"], "private-a");
+    let q = queue(&text);
+    let letters = eventually("three dead letters", WAIT, async || {
+        let l = q.dead_letters("client_event", 10).await.unwrap();
+        (l.len() == 3).then_some(l)
+    })
+    .await;
+    let reasons: Vec<&str> = letters.iter().map(|(_, l)| l.reason.as_str()).collect();
+    assert!(
+        reasons[0].starts_with("malformed entry: not a job"),
+        "{reasons:?}"
+    );
+    assert_eq!(letters[0].1.raw.as_deref(), Some("{this is not json"));
+    assert!(reasons[1].contains("no `job` field"), "{reasons:?}");
+    assert_eq!(reasons[2], "unknown app \"nope\"");
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_producer_api_and_per_app_queues() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let p = prefix("producer");
+    let text = config(
+        Some(&redis.url),
+        &p,
+        "127.0.0.1:0",
+        &app("app-1", &standard_endpoint(&rx.url("hook"))),
+    )
+    .replace("[queues]\n", "[queues]\nkey = \"app\"\n");
+    let wh = Running::start(&text, Mode::Worker).await;
+    let producer = wasmhook::producer::Producer::with_queue_key(
+        &redis.url,
+        &p,
+        wasmhook::config::QueueKey::App,
+    )
+    .unwrap();
+    let ids = producer
+        .send_many(
+            "app-1",
+            vec![
+                json!({"name": "custom_type", "channel": "x"}),
+                json!({"name": "member_removed"}),
+            ],
+        )
+        .await
+        .unwrap();
+    let got = rx.wait_for("hook", 2, WAIT).await;
+    let mut seen: Vec<&str> = got.iter().map(|r| r.header("webhook-id")).collect();
+    seen.sort();
+    let mut want: Vec<&str> = ids.iter().map(String::as_str).collect();
+    want.sort();
+    assert_eq!(seen, want);
+    let q = queue(&text);
+    assert_eq!(
+        q.stats("app:app-1").await.unwrap().get("delivered"),
+        Some(&2)
+    );
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_queue_delivers_and_retries_without_redis() {
+    let rx = Receiver::start().await;
+    rx.script("hook", &[503], 200);
+    let text = config(
+        None,
+        "unused",
+        "127.0.0.1:0",
+        &app("app-1", &standard_endpoint(&rx.url("hook"))),
+    );
+    let wh = Running::start(&text, Mode::All).await;
+    let id = send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "client_event", "channel": "c"}),
+    )
+    .await;
+    let got = rx.wait_for("hook", 2, WAIT).await;
+    assert_eq!(got[1].header("webhook-id"), id);
+    verify_standard(&got[1], WHSEC);
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_for_an_endpoint_removed_from_the_config_is_dead_lettered() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let text = config(
+        Some(&redis.url),
+        &prefix("removed"),
+        "127.0.0.1:0",
+        &app("app-1", &pusher_endpoint(&rx.url("hook"))),
+    );
+    let q = queue(&text);
+    let mut job = Job::new(
+        "app-1",
+        Event::from_json(json!({"name": "client_event"})).unwrap(),
+        now_ms(),
+    );
+    job.endpoint = Some("ep_removed".into());
+    q.enqueue(&[("client_event".into(), job)]).await.unwrap();
+    let wh = Running::start(&text, Mode::Worker).await;
+    let letters = eventually("dead letter", WAIT, async || {
+        let l = q.dead_letters("client_event", 10).await.unwrap();
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    assert!(
+        letters[0].1.reason.contains("no longer configured"),
+        "{}",
+        letters[0].1.reason
+    );
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_read_but_never_committed_is_handed_to_another_consumer() {
+    let redis = RedisServer::start();
+    let text = config(
+        Some(&redis.url),
+        &prefix("reclaim"),
+        "127.0.0.1:0",
+        &app("app-1", ""),
+    );
+    let q = queue(&text);
+    q.prepare("client_event").await.unwrap();
+    let job = Job::new(
+        "app-1",
+        Event::from_json(json!({"name": "client_event"})).unwrap(),
+        now_ms(),
+    );
+    q.enqueue(&[("client_event".into(), job.clone())])
+        .await
+        .unwrap();
+    let mut a = q.reader("client_event", "consumer-a").await.unwrap();
+    let taken = a.read(10, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    // Invisible to other readers while a holds it...
+    let mut b = q.reader("client_event", "consumer-b").await.unwrap();
+    assert!(
+        b.read(10, Duration::from_millis(100))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        q.reclaim("client_event", "consumer-b", Duration::from_secs(60), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // ...until it has been idle past the visibility timeout.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let reclaimed = q
+        .reclaim("client_event", "consumer-b", Duration::from_millis(100), 10)
+        .await
+        .unwrap();
+    assert_eq!(reclaimed.len(), 1);
+    assert_eq!(reclaimed[0].id, taken[0].id);
+    assert_eq!(reclaimed[0].job.as_ref().unwrap(), &job);
+}

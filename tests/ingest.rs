@@ -1,0 +1,255 @@
+//! The HTTP ingest against a real Redis: what it accepts, what it refuses,
+//! and that a refusal enqueues nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use wasmhook::service::Mode;
+
+/// Jobs waiting or in flight across the queues an event could land on.
+async fn queued(q: &wasmhook::queue::Queue) -> u64 {
+    let mut total = 0;
+    for name in q.queues().await.unwrap() {
+        let d = q.depth(&name).await.unwrap();
+        total += d.ready + d.in_flight + d.delayed;
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_request_gets_its_status_and_enqueues_nothing() {
+    let mut redis = RedisServer::start();
+    let text = config(
+        Some(&redis.url),
+        &prefix("errors"),
+        "127.0.0.1:0",
+        &app("app-1", &pusher_endpoint("http://127.0.0.1:9/unused")),
+    )
+    .replace(
+        "[server]\n",
+        "[server]\nmax_body_bytes = 2048\nmax_batch = 3\n",
+    );
+    let wh = Running::start(&text, Mode::Server).await;
+    let q = queue(&text);
+    let ok = Some("app-1-token");
+    let good = json!({"name": "client_event", "channel": "c"}).to_string();
+
+    let cases: Vec<(&str, &str, Option<&str>, String, u16, &str)> = vec![
+        (
+            "malformed JSON",
+            "app-1",
+            ok,
+            "{\"name\": ".into(),
+            400,
+            "bad_request",
+        ),
+        (
+            "missing type",
+            "app-1",
+            ok,
+            json!({"channel": "c"}).to_string(),
+            400,
+            "bad_request",
+        ),
+        (
+            "bad event in a batch",
+            "app-1",
+            ok,
+            json!({"events": [{"name": "a"}, {"channel": "c"}]}).to_string(),
+            400,
+            "bad_request",
+        ),
+        (
+            "batch over the limit",
+            "app-1",
+            ok,
+            json!({"events": [{"name": "a"}, {"name": "a"}, {"name": "a"}, {"name": "a"}]})
+                .to_string(),
+            400,
+            "bad_request",
+        ),
+        ("no token", "app-1", None, good.clone(), 401, "unauthorized"),
+        (
+            "wrong token",
+            "app-1",
+            Some("app-2-token"),
+            good.clone(),
+            401,
+            "unauthorized",
+        ),
+        ("unknown app", "app-9", ok, good.clone(), 404, "unknown_app"),
+        (
+            "body over the limit",
+            "app-1",
+            ok,
+            json!({"name": "client_event", "data": "x".repeat(4096)}).to_string(),
+            413,
+            "payload_too_large",
+        ),
+    ];
+    for (what, app_id, token, body, status, code) in cases {
+        let (got, answer) = post_events(&wh.ingest, app_id, token, body).await;
+        assert_eq!(got, status, "{what}: {answer}");
+        assert_eq!(answer["error"], code, "{what}: {answer}");
+        assert!(!answer["message"].as_str().unwrap().is_empty(), "{what}");
+        assert!(
+            !answer.to_string().contains("app-1-token"),
+            "{what}: the token is never echoed"
+        );
+    }
+
+    // A chunked body (no Content-Length) over the limit is refused too.
+    let status_line = chunked_post(
+        &wh.ingest,
+        "/v1/apps/app-1/events",
+        "app-1-token",
+        &[b"{\"name\":\"a\",\"data\":\"", &[b'x'; 4096], b"\"}"],
+    )
+    .await;
+    assert!(status_line.starts_with("HTTP/1.1 413"), "{status_line}");
+    assert_eq!(queued(&q).await, 0, "no refused request enqueued anything");
+
+    // Redis down: 503 for events and for readiness, liveness still 200.
+    let (got, _) = post_events(&wh.ingest, "app-1", ok, good.clone()).await;
+    assert_eq!(got, 202);
+    redis.stop();
+    let (got, answer) = post_events(&wh.ingest, "app-1", ok, good.clone()).await;
+    assert_eq!(got, 503, "{answer}");
+    assert_eq!(answer["error"], "unavailable");
+    let client = reqwest::Client::new();
+    assert_eq!(
+        client
+            .get(format!("{}/readyz", wh.ingest))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    assert_eq!(
+        client
+            .get(format!("{}/healthz", wh.ingest))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    wh.shutdown().await;
+}
+
+/// POSTs a body in chunks (Transfer-Encoding: chunked, no Content-Length)
+/// over a plain socket; returns the response's status line.
+async fn chunked_post(base: &str, path: &str, token: &str, chunks: &[&[u8]]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    for chunk in chunks {
+        // The server may answer and close before the whole body is sent.
+        if s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .await
+            .is_err()
+            || s.write_all(chunk).await.is_err()
+            || s.write_all(b"\r\n").await.is_err()
+        {
+            break;
+        }
+    }
+    let _ = s.write_all(b"0\r\n\r\n").await;
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut response)).await;
+    String::from_utf8_lossy(&response)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_enqueues_once_and_replays_the_first_answer() {
+    let redis = RedisServer::start();
+    let text = config(
+        Some(&redis.url),
+        &prefix("idem"),
+        "127.0.0.1:0",
+        &(app("app-1", "") + &app("app-2", "")),
+    );
+    let wh = Running::start(&text, Mode::Server).await;
+    let q = queue(&text);
+    wasmhook::delivery::install_crypto_provider();
+    let client = reqwest::Client::new();
+    let post = |app: &'static str, key: &'static str, body: String| {
+        client
+            .post(format!("{}/v1/apps/{app}/events", wh.ingest))
+            .bearer_auth(format!("{app}-token"))
+            .header("idempotency-key", key)
+            .body(body)
+            .send()
+    };
+    let batch =
+        json!({"events": [{"name": "client_event"}, {"name": "member_added", "user_id": "1"}]})
+            .to_string();
+    let first = post("app-1", "order-17", batch.clone()).await.unwrap();
+    assert_eq!(first.status(), 202);
+    let first: serde_json::Value = serde_json::from_slice(&first.bytes().await.unwrap()).unwrap();
+    assert_eq!(first["ids"].as_array().unwrap().len(), 2);
+
+    let again = post("app-1", "order-17", batch.clone()).await.unwrap();
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: serde_json::Value = serde_json::from_slice(&again.bytes().await.unwrap()).unwrap();
+    assert_eq!(again, first, "the first answer, not a new one");
+    assert_eq!(queued(&q).await, 2, "nothing new enqueued");
+
+    // Keys are per app.
+    let other = post("app-2", "order-17", batch).await.unwrap();
+    assert_eq!(other.status(), 202);
+    assert_eq!(queued(&q).await, 4);
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_events_are_in_redis_before_the_answer() {
+    let redis = RedisServer::start();
+    let p = prefix("durable");
+    let text = config(Some(&redis.url), &p, "127.0.0.1:0", &app("app-1", ""));
+    let wh = Running::start(&text, Mode::Server).await;
+    let body = json!({"events": [{"name": "client_event", "channel": "a"}, {"name": "custom.type", "channel": "b"}]}).to_string();
+    let (status, answer) = post_events(&wh.ingest, "app-1", Some("app-1-token"), body).await;
+    assert_eq!(status, 202);
+    let ids: Vec<String> = answer["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let mut conn = redis.conn();
+    for (queue, id) in [("client_event", &ids[0]), ("custom.type", &ids[1])] {
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(format!("{p}:{{{queue}}}:stream"))
+            .arg("-")
+            .arg("+")
+            .query(&mut conn)
+            .unwrap();
+        assert_eq!(entries.len(), 1, "{queue}");
+        let job: serde_json::Value = serde_json::from_str(&entries[0].1[0].1).unwrap();
+        assert_eq!(&job["id"], id.as_str());
+        assert_eq!(job["app_id"], "app-1");
+    }
+    let registered: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(format!("{p}:queues"))
+        .query(&mut conn)
+        .unwrap();
+    assert!(
+        registered.contains(&"custom.type".to_string()),
+        "new queues are registered for workers to find"
+    );
+    wh.shutdown().await;
+}

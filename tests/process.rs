@@ -1,0 +1,333 @@
+//! The `wasmhook` binary as operators run it: separate processes, signals,
+//! the command line.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_run_loses_nothing() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    rx.delay("hook", Duration::from_millis(5));
+    let p = prefix("sigkill");
+    let text = config(
+        Some(&redis.url),
+        &p,
+        "127.0.0.1:0",
+        &app("app-1", &standard_endpoint(&rx.url("hook"))),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &text);
+
+    let producer = wasmhook::producer::Producer::connect(&redis.url, &p).unwrap();
+    let events: Vec<serde_json::Value> = (0..1000).map(|i| json!({"name": "client_event", "channel": format!("private-{i}"), "data": i.to_string()})).collect();
+    let ids: HashSet<String> = producer
+        .send_many("app-1", events)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(ids.len(), 1000);
+
+    let mut worker = spawn_serve(&path, "worker");
+    eventually("deliveries under way", WAIT, async || {
+        (rx.received("hook").len() >= 150).then_some(())
+    })
+    .await;
+    signal(&worker, libc::SIGKILL);
+    worker.wait().await.unwrap();
+    let before_restart = rx.received("hook").len();
+    assert!(
+        before_restart < 1000,
+        "killed mid-run ({before_restart} delivered)"
+    );
+
+    let mut worker = spawn_serve(&path, "worker");
+    let seen = eventually("every event delivered", WAIT, async || {
+        let seen: HashSet<String> = rx
+            .received("hook")
+            .iter()
+            .map(|r| r.header("webhook-id").to_string())
+            .collect();
+        (seen.len() >= ids.len()).then_some(seen)
+    })
+    .await;
+    assert_eq!(seen, ids, "every event id arrived at least once");
+    for r in rx.received("hook").iter().take(20) {
+        verify_standard(r, WHSEC);
+    }
+    signal(&worker, libc::SIGTERM);
+    assert!(worker.wait().await.unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_deliveries_in_flight_takes_no_new_jobs_and_exits_0() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    rx.delay("slow", Duration::from_millis(1500));
+    let p = prefix("sigterm");
+    let text = config(
+        Some(&redis.url),
+        &p,
+        "127.0.0.1:0",
+        &app("app-1", &pusher_endpoint(&rx.url("slow"))),
+    )
+    .replace("timeout = \"1s\"", "timeout = \"5s\"")
+    .replace(
+        "visibility_timeout = \"3s\"",
+        "visibility_timeout = \"10s\"",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &text);
+    let producer = wasmhook::producer::Producer::connect(&redis.url, &p).unwrap();
+
+    let mut worker = spawn_serve(&path, "worker");
+    producer
+        .send("app-1", json!({"name": "client_event", "channel": "first"}))
+        .await
+        .unwrap();
+    eventually("the request in flight", WAIT, async || {
+        (rx.arrived("slow") == 1).then_some(())
+    })
+    .await;
+    signal(&worker, libc::SIGTERM);
+    // Past one blocking read: the worker has stopped reading by now.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    producer
+        .send(
+            "app-1",
+            json!({"name": "client_event", "channel": "second"}),
+        )
+        .await
+        .unwrap();
+
+    let status = tokio::time::timeout(WAIT, worker.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let got = rx.received("slow");
+    assert_eq!(got.len(), 1, "the delivery in flight was finished");
+    assert_eq!(got[0].json()["events"][0]["channel"], "first");
+
+    let q = queue(&text);
+    let depth = q.depth("client_event").await.unwrap();
+    assert_eq!(depth.in_flight, 0, "the finished job was acknowledged");
+    assert_eq!(
+        depth.ready, 1,
+        "the job sent after SIGTERM waits for the next worker"
+    );
+    assert_eq!(
+        q.stats("client_event").await.unwrap().get("delivered"),
+        Some(&1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_server_and_worker_processes_deliver_end_to_end() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let text = config(
+        Some(&redis.url),
+        &prefix("split"),
+        &listen,
+        &app("app-1", &pusher_endpoint(&rx.url("hook"))),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &text);
+
+    let mut server = spawn_serve(&path, "server");
+    let ingest = format!("http://{listen}");
+    eventually("ingest ready", WAIT, async || {
+        let r = reqwest::Client::new()
+            .get(format!("{ingest}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    // Events accepted while no worker runs wait in Redis.
+    let (status, answer) = post_events(
+        &ingest,
+        "app-1",
+        Some("app-1-token"),
+        json!({"name": "channel_occupied", "channel": "c1"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 202, "{answer}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        rx.received("hook").is_empty(),
+        "the server process does not deliver"
+    );
+
+    let mut worker = spawn_serve(&path, "worker");
+    let (status, _) = post_events(
+        &ingest,
+        "app-1",
+        Some("app-1-token"),
+        json!({"name": "channel_vacated", "channel": "c2"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let got = rx.wait_for("hook", 2, WAIT).await;
+    let mut names: Vec<String> = got
+        .iter()
+        .map(|r| r.json()["events"][0]["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["channel_occupied", "channel_vacated"]);
+    for r in &got {
+        verify_pusher(r, "app-1-key", APP_SECRET);
+    }
+    for child in [&server, &worker] {
+        signal(child, libc::SIGTERM);
+    }
+    assert!(server.wait().await.unwrap().success());
+    assert!(worker.wait().await.unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sends_checks_config_and_lists_queues() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let text = config(
+        Some(&redis.url),
+        &prefix("cli"),
+        "127.0.0.1:0",
+        &app("app-1", &standard_endpoint(&rx.url("hook"))),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &text);
+
+    let (ok, out, err) = run_cli(&path, &["config", "check"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("configuration ok: 1 app(s), 1 endpoint(s), queue: redis"),
+        "{out}"
+    );
+
+    let bad_dir = tempfile::tempdir().unwrap();
+    let bad = write_config(
+        &bad_dir,
+        &text.replace("jitter = 0.0", "jitter = 0.0\nbackoff = 2"),
+    );
+    let (ok, _, err) = run_cli(&bad, &["config", "check"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("retry.backoff: unknown field `backoff`"),
+        "{err}"
+    );
+
+    let (ok, out, err) = run_cli(
+        &path,
+        &[
+            "send",
+            "--app",
+            "app-1",
+            "--event",
+            "client_event",
+            "--channel",
+            "private-a",
+            "--data",
+            r#"{"event":"client-x","data":"{\"a\":1}"}"#,
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let id = out.split_whitespace().next().unwrap().to_string();
+    assert!(id.starts_with("msg_"), "{out}");
+
+    let mut worker = spawn_serve(&path, "worker");
+    let got = rx.wait_for("hook", 1, WAIT).await;
+    assert_eq!(got[0].header("webhook-id"), id);
+    let data = &got[0].json()["data"];
+    assert_eq!(data["channel"], "private-a");
+    assert_eq!(data["event"], "client-x");
+    assert_eq!(data["data"], "{\"a\":1}");
+
+    let out = eventually("queue counters", WAIT, async || {
+        let (_, out, _) = run_cli(&path, &["queues"]).await;
+        out.lines()
+            .any(|l| l.starts_with("client_event") && l.contains("delivered=1"))
+            .then_some(out)
+    })
+    .await;
+    assert!(
+        out.contains("member_added"),
+        "configured queues are listed: {out}"
+    );
+    signal(&worker, libc::SIGTERM);
+    assert!(worker.wait().await.unwrap().success());
+
+    let (ok, _, err) = run_cli(&path, &["send", "--app", "nope", "--event", "x"]).await;
+    assert!(!ok && err.contains("no app \"nope\""), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_default_runs_and_a_sent_event_reaches_the_receiver() {
+    let rx = Receiver::start().await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let text = config(
+        None,
+        "wasmhook",
+        &listen,
+        &app("app-1", &pusher_endpoint(&rx.url("hook"))),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &text);
+    let serve = tokio::process::Command::new(binary())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let ingest = format!("http://{listen}");
+    eventually("ingest up", WAIT, async || {
+        reqwest::Client::new()
+            .get(format!("{ingest}/healthz"))
+            .send()
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let (ok, out, err) = run_cli(
+        &path,
+        &[
+            "send",
+            "--app",
+            "app-1",
+            "--event",
+            "client_event",
+            "--channel",
+            "c",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("accepted by the ingest"), "{out}");
+    rx.wait_for("hook", 1, WAIT).await;
+    signal(&serve, libc::SIGTERM);
+    let output = serve.wait_with_output().await.unwrap();
+    assert!(output.status.success());
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        log.contains("NOT DURABLE"),
+        "the embedded queue says so loudly: {log}"
+    );
+
+    // Split modes need a shared queue.
+    let (ok, _, err) = run_cli(&path, &["serve", "--mode", "worker"]).await;
+    assert!(!ok && err.contains("needs a shared queue"), "{err}");
+}
