@@ -138,6 +138,8 @@ struct Report {
     /// Latencies in ms (loopback sink only).
     latency: Option<Histogram<u64>>,
     stats: std::collections::BTreeMap<String, u64>,
+    /// CPU used from worker start to the last delivery.
+    cpu: CpuUse,
     shutdown: Duration,
     problems: Vec<String>,
 }
@@ -188,6 +190,7 @@ async fn run(args: &Args, prefix: &str) -> anyhow::Result<Report> {
     };
 
     let token = CancellationToken::new();
+    let cpu_before = CpuSnapshot::take(&args.redis_url).await;
     let started = Instant::now();
     let mut worker = tokio::spawn(service::serve(
         settings.clone(),
@@ -239,8 +242,10 @@ async fn run(args: &Args, prefix: &str) -> anyhow::Result<Report> {
             }
         }
     };
+    let cpu_after = CpuSnapshot::take(&args.redis_url).await;
     bar.finish_and_clear();
     let elapsed = finished_at.map_or(started.elapsed(), |t| t.duration_since(started));
+    let cpu = cpu_after.since(&cpu_before);
 
     stop_producer.store(true, Ordering::Relaxed);
     let produced = match producer {
@@ -322,6 +327,7 @@ async fn run(args: &Args, prefix: &str) -> anyhow::Result<Report> {
         first_to_last,
         latency,
         stats,
+        cpu,
         shutdown,
         problems,
     })
@@ -647,6 +653,123 @@ async fn machine_summary(redis_url: &str) -> Machine {
 }
 
 // ---------------------------------------------------------------------------
+// CPU accounting: this process's threads by name (/proc/self/task), Redis
+// (INFO cpu) and the whole box (/proc/stat).
+
+struct CpuSnapshot {
+    /// Thread name → CPU seconds (user + system).
+    threads: std::collections::HashMap<String, f64>,
+    redis_s: Option<f64>,
+    /// Busy and total jiffies of the box.
+    box_busy: u64,
+    box_total: u64,
+}
+
+#[derive(Debug, Default)]
+struct CpuUse {
+    /// The worker's runtime threads and the main thread (which only watches).
+    worker_s: f64,
+    sink_s: f64,
+    producer_s: f64,
+    redis_s: Option<f64>,
+    /// Fraction of all CPUs busy.
+    box_busy: f64,
+}
+
+impl CpuSnapshot {
+    async fn take(redis_url: &str) -> CpuSnapshot {
+        // SAFETY: sysconf has no preconditions.
+        let tick = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+            t if t > 0 => t as f64,
+            _ => 100.0,
+        };
+        let mut threads = std::collections::HashMap::new();
+        if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+            for task in dir.flatten() {
+                let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                    continue;
+                };
+                let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                    continue;
+                };
+                let name = stat[open + 1..close].to_string();
+                // Fields after the name start at field 3 (state); utime and
+                // stime are fields 14 and 15.
+                let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+                let ticks = |i: usize| {
+                    f.get(i - 3)
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                *threads.entry(name).or_insert(0.0) += (ticks(14) + ticks(15)) as f64 / tick;
+            }
+        }
+        let (box_busy, box_total) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().next()?.strip_prefix("cpu ")?.to_string();
+                let v: Vec<u64> = line
+                    .split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                // user nice system idle iowait irq softirq steal (guest is in user).
+                let total: u64 = v.iter().take(8).sum();
+                let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+                Some((total - idle, total))
+            })
+            .unwrap_or((0, 0));
+        CpuSnapshot {
+            threads,
+            redis_s: redis_cpu(redis_url).await,
+            box_busy,
+            box_total,
+        }
+    }
+
+    fn since(&self, before: &CpuSnapshot) -> CpuUse {
+        let mut use_ = CpuUse::default();
+        for (name, secs) in &self.threads {
+            let d = (secs - before.threads.get(name).copied().unwrap_or(0.0)).max(0.0);
+            match name.as_str() {
+                "bench-sink" => use_.sink_s += d,
+                "bench-producer" => use_.producer_s += d,
+                _ => use_.worker_s += d,
+            }
+        }
+        use_.redis_s = match (self.redis_s, before.redis_s) {
+            (Some(a), Some(b)) => Some((a - b).max(0.0)),
+            _ => None,
+        };
+        let total = self.box_total.saturating_sub(before.box_total);
+        if total > 0 {
+            use_.box_busy = self.box_busy.saturating_sub(before.box_busy) as f64 / total as f64;
+        }
+        use_
+    }
+}
+
+/// Redis's own CPU seconds (main and background threads), from INFO cpu.
+async fn redis_cpu(redis_url: &str) -> Option<f64> {
+    let client = redis::Client::open(redis_url).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    let field = |k: &str| {
+        info.lines().find_map(|l| {
+            l.strip_prefix(k)?
+                .strip_prefix(':')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    Some(field("used_cpu_sys")? + field("used_cpu_user")?)
+}
+
+// ---------------------------------------------------------------------------
 // Output
 
 impl Report {
@@ -712,6 +835,18 @@ impl Report {
             Some(_) => println!("latency:     no samples"),
             None => println!("latency:     not measured (external sink)"),
         }
+        let per = |secs: f64| secs * 1e6 / self.events as f64;
+        let c = &self.cpu;
+        println!(
+            "cpu:         µs per delivery: worker runtime {:.1}, sink {:.1}, producer {:.1}, Redis {}; box {:.0}% busy over {} CPUs",
+            per(c.worker_s),
+            per(c.sink_s),
+            per(c.producer_s),
+            c.redis_s
+                .map_or("n/a".to_string(), |r| format!("{:.1}", per(r))),
+            c.box_busy * 100.0,
+            m.nproc,
+        );
         let counters: Vec<String> = self.stats.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!(
             "queue:       {}; worker stopped in {:.3} s",

@@ -72,6 +72,16 @@ pub struct Endpoint {
     pub headers: Vec<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
     pub timeout: Duration,
     pub retry: RetryPolicy,
+    /// The endpoint's chain: runs on every attempt, after routing.
+    pub plugins: Vec<PluginRef>,
+}
+
+/// A plugin in a chain, with this app's configuration for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginRef {
+    /// A name defined under `[plugins]`.
+    pub plugin: String,
+    pub config: Vec<(String, String)>,
 }
 
 impl Endpoint {
@@ -91,6 +101,8 @@ pub struct App {
     pub secrets: Vec<Secret>,
     pub ingest_token: Secret,
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// The app's chain: runs once per event, before fan-out.
+    pub plugins: Vec<PluginRef>,
 }
 
 impl App {

@@ -113,6 +113,12 @@ pub struct Job {
     pub endpoint: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<Attempt>,
+    /// Extra request headers added by plugins (lower-case names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+    /// Metadata plugins pass along a chain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metadata: Vec<(String, String)>,
 }
 
 impl Job {
@@ -126,6 +132,8 @@ impl Job {
             attempt: 0,
             endpoint: None,
             history: Vec::new(),
+            headers: Vec::new(),
+            metadata: Vec::new(),
         }
     }
 

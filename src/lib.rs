@@ -13,6 +13,7 @@ pub mod delivery;
 pub mod event;
 pub mod ingest;
 pub mod pipeline;
+pub mod plugin;
 pub mod producer;
 pub mod queue;
 pub mod service;

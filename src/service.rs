@@ -58,6 +58,18 @@ pub async fn serve(
         );
     }
 
+    // Plugins load (or fail with the file and reason) before any job is taken.
+    let (pipeline, registry) = if mode == Mode::Server {
+        (Pipeline::default(), None)
+    } else {
+        crate::plugin::build_pipeline(&settings)?
+    };
+    if let Some(registry) = &registry {
+        registry
+            .clone()
+            .watch(settings.watch_interval, shutdown.clone());
+    }
+
     let mut tasks = tokio::task::JoinSet::new();
     if mode != Mode::Worker {
         let listener = match listener {
@@ -82,11 +94,7 @@ pub async fn serve(
         });
     }
     if mode != Mode::Server {
-        let ctx = Arc::new(worker::Context::new(
-            &settings,
-            queue.clone(),
-            Pipeline::default(),
-        )?);
+        let ctx = Arc::new(worker::Context::new(&settings, queue.clone(), pipeline)?);
         tasks.spawn(worker::run(settings.clone(), ctx, shutdown.clone()));
     }
     let mut result = Ok(());

@@ -112,7 +112,14 @@ pub fn load_from(
                 reason: e.into_inner().message().trim().to_string(),
             }])
         })?;
-    settings::build(raw).map_err(fail)
+    let base_dir = file.as_deref().and_then(Path::parent).map(|d| {
+        if d.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            d
+        }
+    });
+    settings::build(raw, base_dir).map_err(fail)
 }
 
 fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {

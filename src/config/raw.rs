@@ -18,8 +18,53 @@ pub struct RawConfig {
     pub retry: RawRetry,
     pub delivery: RawDelivery,
     pub log: RawLog,
+    pub wasm: RawWasm,
+    /// Plugins by name.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, RawPlugin>,
     #[serde(default)]
     pub apps: Vec<RawApp>,
+}
+
+/// The plugin engine, and the limits every plugin gets unless it sets its own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWasm {
+    /// "auto": the user's cache directory; "": no cache; else a path.
+    pub cache_dir: String,
+    pub max_instances: u32,
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+    /// Instruction budget per call; 0 turns fuel metering off.
+    pub fuel: u64,
+    pub max_memory: usize,
+    pub max_output: usize,
+    pub on_failure: crate::plugin::FailurePolicy,
+    /// How often plugin files are checked for replacement.
+    #[serde(with = "humantime_serde")]
+    pub watch_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlugin {
+    /// The component file; relative paths are relative to the config file.
+    pub path: String,
+    #[serde(default, with = "humantime_serde")]
+    pub deadline: Option<Duration>,
+    pub fuel: Option<u64>,
+    pub max_memory: Option<usize>,
+    pub max_output: Option<usize>,
+    pub on_failure: Option<crate::plugin::FailurePolicy>,
+}
+
+/// A plugin in a chain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPluginRef {
+    pub plugin: String,
+    #[serde(default)]
+    pub config: BTreeMap<String, toml::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -106,6 +151,9 @@ pub struct RawApp {
     pub ingest_token: String,
     #[serde(default)]
     pub webhooks: Vec<RawWebhook>,
+    /// The app's chain: once per event, before fan-out.
+    #[serde(default)]
+    pub plugins: Vec<RawPluginRef>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -138,6 +186,9 @@ pub struct RawWebhook {
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
     pub retry: Option<RawRetryOverride>,
+    /// The endpoint's chain: on every attempt, after routing.
+    #[serde(default)]
+    pub plugins: Vec<RawPluginRef>,
     /// soketi's AWS Lambda target: recognised so it can be refused clearly.
     pub lambda_function: Option<toml::Value>,
     /// soketi's AWS Lambda options: recognised so they can be refused clearly.

@@ -11,10 +11,12 @@ use sha2::{Digest, Sha256};
 
 use super::Problem;
 use super::raw::{LogFormat, QueueKey, RawApp, RawConfig, RawWebhook, SchemeName};
-use crate::app::{App, Apps, Endpoint, Scheme, Secret};
+use super::raw::{RawPluginRef, RawWasm};
+use crate::app::{App, Apps, Endpoint, PluginRef, Scheme, Secret};
 use crate::delivery::retry::RetryPolicy;
 use crate::event::valid_name;
 use crate::pipeline::route::ChannelFilter;
+use crate::plugin::{EngineSettings, Limits, PluginSpec};
 use crate::queue::Keys;
 use crate::signing::{self, standard::StandardKey};
 
@@ -28,6 +30,10 @@ pub struct Settings {
     pub retry: RetryPolicy,
     pub delivery: DeliverySettings,
     pub log: LogSettings,
+    pub wasm: EngineSettings,
+    /// How often plugin files are checked for replacement.
+    pub watch_interval: Duration,
+    pub plugins: Vec<PluginSpec>,
     pub apps: Apps,
 }
 
@@ -107,8 +113,12 @@ impl Check {
     }
 }
 
-pub(super) fn build(raw: RawConfig) -> Result<Settings, Vec<Problem>> {
+pub(super) fn build(
+    raw: RawConfig,
+    base_dir: Option<&std::path::Path>,
+) -> Result<Settings, Vec<Problem>> {
     let mut c = Check(Vec::new());
+    let (wasm, plugins) = build_plugins(&mut c, &raw.wasm, &raw.plugins, base_dir);
 
     if let Some(url) = &raw.redis.url
         && let Err(e) = redis::Client::open(url.as_str())
@@ -205,7 +215,7 @@ pub(super) fn build(raw: RawConfig) -> Result<Settings, Vec<Problem>> {
                 format!("app id {:?} is used twice", a.id),
             );
         }
-        let app = build_app(&mut c, &path, a, &raw, &retry);
+        let app = build_app(&mut c, &path, a, &raw, &retry, &plugins);
         for e in &app.endpoints {
             longest_timeout = longest_timeout.max(e.timeout);
         }
@@ -249,11 +259,133 @@ pub(super) fn build(raw: RawConfig) -> Result<Settings, Vec<Problem>> {
             format: raw.log.format,
             level: raw.log.level,
         },
+        wasm,
+        watch_interval: raw.wasm.watch_interval,
+        plugins,
         apps: Apps::new(apps),
     })
 }
 
-fn build_app(c: &mut Check, path: &str, a: &RawApp, raw: &RawConfig, retry: &RetryPolicy) -> App {
+fn build_plugins(
+    c: &mut Check,
+    wasm: &RawWasm,
+    raw: &BTreeMap<String, super::raw::RawPlugin>,
+    base_dir: Option<&std::path::Path>,
+) -> (EngineSettings, Vec<PluginSpec>) {
+    if wasm.max_instances == 0 {
+        c.fail("wasm.max_instances", "must be at least 1");
+    }
+    if wasm.deadline.is_zero() {
+        c.fail("wasm.deadline", "must be longer than zero");
+    }
+    if wasm.watch_interval.is_zero() {
+        c.fail("wasm.watch_interval", "must be longer than zero");
+    }
+    let mut specs = Vec::new();
+    for (name, p) in raw {
+        let path = format!("plugins.{name}");
+        c.name(&path, name);
+        if p.path.is_empty() {
+            c.fail(
+                format!("{path}.path"),
+                "required: the plugin's .wasm component",
+            );
+        }
+        let file = std::path::Path::new(&p.path);
+        let file = match base_dir {
+            Some(dir) if file.is_relative() => dir.join(file),
+            _ => file.to_path_buf(),
+        };
+        let deadline = p.deadline.unwrap_or(wasm.deadline);
+        if deadline.is_zero() {
+            c.fail(format!("{path}.deadline"), "must be longer than zero");
+        }
+        let fuel = p.fuel.unwrap_or(wasm.fuel);
+        if p.fuel.is_some_and(|f| f > 0) && wasm.fuel == 0 {
+            c.fail(
+                format!("{path}.fuel"),
+                "fuel metering is off: set wasm.fuel to a budget first",
+            );
+        }
+        specs.push(PluginSpec {
+            name: name.clone(),
+            path: file,
+            limits: Limits {
+                deadline,
+                fuel: (fuel > 0).then_some(fuel),
+                max_memory: p.max_memory.unwrap_or(wasm.max_memory),
+                max_output: p.max_output.unwrap_or(wasm.max_output),
+            },
+            policy: p.on_failure.unwrap_or(wasm.on_failure),
+        });
+    }
+    let cache_dir = match wasm.cache_dir.as_str() {
+        "" => None,
+        "auto" => std::env::var_os("XDG_CACHE_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache"))
+            })
+            .map(|d| d.join("wasmhook"))
+            .or_else(|| Some(std::env::temp_dir().join("wasmhook-cache"))),
+        dir => Some(std::path::PathBuf::from(dir)),
+    };
+    let engine = EngineSettings {
+        cache_dir,
+        max_instances: wasm.max_instances,
+        max_memory: specs
+            .iter()
+            .map(|s| s.limits.max_memory)
+            .chain([wasm.max_memory])
+            .max()
+            .unwrap_or(wasm.max_memory),
+        fuel: wasm.fuel > 0,
+    };
+    (engine, specs)
+}
+
+fn build_chain(
+    c: &mut Check,
+    path: &str,
+    refs: &[RawPluginRef],
+    plugins: &[PluginSpec],
+) -> Vec<PluginRef> {
+    let mut chain = Vec::new();
+    for (i, r) in refs.iter().enumerate() {
+        if !plugins.iter().any(|p| p.name == r.plugin) {
+            c.fail(
+                format!("{path}[{i}].plugin"),
+                format!("no plugin {:?} is defined under [plugins]", r.plugin),
+            );
+            continue;
+        }
+        let config = r
+            .config
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        chain.push(PluginRef {
+            plugin: r.plugin.clone(),
+            config,
+        });
+    }
+    chain
+}
+
+fn build_app(
+    c: &mut Check,
+    path: &str,
+    a: &RawApp,
+    raw: &RawConfig,
+    retry: &RetryPolicy,
+    plugins: &[PluginSpec],
+) -> App {
     if a.key.is_empty() {
         c.fail(format!("{path}.key"), "must not be empty");
     }
@@ -273,7 +405,7 @@ fn build_app(c: &mut Check, path: &str, a: &RawApp, raw: &RawConfig, retry: &Ret
     let mut ids = HashSet::new();
     for (j, w) in a.webhooks.iter().enumerate() {
         let wpath = format!("{path}.webhooks[{j}]");
-        if let Some(e) = build_endpoint(c, &wpath, w, raw, retry) {
+        if let Some(e) = build_endpoint(c, &wpath, w, raw, retry, plugins) {
             if matches!(e.scheme, Scheme::Pusher) && secrets.is_empty() {
                 c.fail(
                     format!("{path}.secret"),
@@ -298,6 +430,7 @@ fn build_app(c: &mut Check, path: &str, a: &RawApp, raw: &RawConfig, retry: &Ret
         secrets,
         ingest_token: Secret::new(a.ingest_token.as_str()),
         endpoints,
+        plugins: build_chain(c, &format!("{path}.plugins"), &a.plugins, plugins),
     }
 }
 
@@ -307,6 +440,7 @@ fn build_endpoint(
     w: &RawWebhook,
     raw: &RawConfig,
     retry: &RetryPolicy,
+    plugins: &[PluginSpec],
 ) -> Option<Endpoint> {
     let before = c.0.len();
     if w.lambda_function.is_some() || w.lambda.is_some() {
@@ -402,6 +536,7 @@ fn build_endpoint(
         None => derived_endpoint_id(w),
     };
     let filter = w.filter.clone().unwrap_or_default();
+    let chain = build_chain(c, &format!("{path}.plugins"), &w.plugins, plugins);
     if c.0.len() > before {
         return None;
     }
@@ -417,6 +552,7 @@ fn build_endpoint(
         headers,
         timeout,
         retry,
+        plugins: chain,
     })
 }
 

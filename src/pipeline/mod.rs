@@ -1,6 +1,7 @@
 //! What happens to an event between the queue and signing: the app-level
 //! chain of stages (filter, route, transform, for every endpoint at once),
-//! then matching to the app's endpoints by their subscriptions.
+//! then matching to the app's endpoints by their subscriptions; later, per
+//! endpoint and per attempt, the endpoint-level chain.
 //!
 //! A stage is anything that implements [`Stage`]: the WebAssembly plugin host
 //! is one. With no stages, an event goes to every endpoint whose
@@ -18,17 +19,52 @@ use crate::event::{Event, Job};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     Keep,
-    Transform(Event),
+    Transform(Message),
     Drop(String),
     /// Exactly these endpoints, each optionally with its own event. Overrides
-    /// the endpoints' subscriptions.
+    /// the endpoints' subscriptions. App-level chain only.
     Route(Vec<RouteTarget>),
+}
+
+/// A modified event, with headers to add to its request and metadata for the
+/// rest of the chain. Headers and metadata add to what the job has (a name
+/// given again replaces the earlier value).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub event: Event,
+    pub headers: Vec<(String, String)>,
+    pub metadata: Vec<(String, String)>,
+}
+
+impl Message {
+    pub fn event(event: Event) -> Message {
+        Message {
+            event,
+            headers: Vec::new(),
+            metadata: Vec::new(),
+        }
+    }
+
+    fn apply(self, job: &mut Job) {
+        job.event = self.event;
+        merge(&mut job.headers, self.headers);
+        merge(&mut job.metadata, self.metadata);
+    }
+}
+
+fn merge(into: &mut Vec<(String, String)>, from: Vec<(String, String)>) {
+    for (k, v) in from {
+        match into.iter_mut().find(|(name, _)| *name == k) {
+            Some(slot) => slot.1 = v,
+            None => into.push((k, v)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteTarget {
     pub endpoint: String,
-    pub event: Option<Event>,
+    pub message: Option<Message>,
 }
 
 /// A stage could not decide (it failed, trapped, ran out of time). The job is
@@ -56,15 +92,67 @@ pub enum Routing {
     Dropped { stage: String, reason: String },
 }
 
-/// The stages of each app's chain, by app id.
+/// What an endpoint's chain made of a job aimed at it.
+#[derive(Debug)]
+pub enum Prepared {
+    Deliver(Job),
+    Dropped { stage: String, reason: String },
+}
+
+pub type Chain = Vec<Arc<dyn Stage>>;
+
+/// The stages of each app's chain (by app id) and each endpoint's chain (by
+/// app id and endpoint id).
 #[derive(Default, Clone)]
 pub struct Pipeline {
-    chains: HashMap<String, Vec<Arc<dyn Stage>>>,
+    chains: HashMap<String, Chain>,
+    endpoint_chains: HashMap<(String, String), Chain>,
 }
 
 impl Pipeline {
-    pub fn new(chains: HashMap<String, Vec<Arc<dyn Stage>>>) -> Self {
-        Pipeline { chains }
+    pub fn new(
+        chains: HashMap<String, Chain>,
+        endpoint_chains: HashMap<(String, String), Chain>,
+    ) -> Self {
+        Pipeline {
+            chains,
+            endpoint_chains,
+        }
+    }
+
+    /// Runs the endpoint's chain over a job aimed at it (on every attempt).
+    pub fn prepare(
+        &self,
+        app: &App,
+        endpoint: &Endpoint,
+        job: Job,
+    ) -> Result<Prepared, StageError> {
+        let Some(chain) = self
+            .endpoint_chains
+            .get(&(app.id.clone(), endpoint.id.clone()))
+        else {
+            return Ok(Prepared::Deliver(job));
+        };
+        let mut job = job;
+        for stage in chain {
+            match stage.decide(&job)? {
+                Decision::Keep => {}
+                Decision::Transform(message) => message.apply(&mut job),
+                Decision::Drop(reason) => {
+                    return Ok(Prepared::Dropped {
+                        stage: stage.name().to_string(),
+                        reason,
+                    });
+                }
+                Decision::Route(_) => {
+                    return Err(StageError {
+                        stage: stage.name().to_string(),
+                        message: "returned `route` in an endpoint's chain; only the app's chain can route".into(),
+                    });
+                }
+            }
+        }
+        Ok(Prepared::Deliver(job))
     }
 
     /// Runs the app's chain over a new event and picks its endpoints.
@@ -74,7 +162,7 @@ impl Pipeline {
         for stage in self.chains.get(&app.id).into_iter().flatten() {
             match stage.decide(&job)? {
                 Decision::Keep => {}
-                Decision::Transform(event) => job.event = event,
+                Decision::Transform(message) => message.apply(&mut job),
                 Decision::Drop(reason) => {
                     return Ok(Routing::Dropped {
                         stage: stage.name().to_string(),
@@ -105,8 +193,8 @@ impl Pipeline {
                         message: format!("routed to unknown endpoint {:?}", t.endpoint),
                     })?;
                     let mut aimed = job.for_endpoint(&endpoint.id);
-                    if let Some(event) = t.event {
-                        aimed.event = event;
+                    if let Some(message) = t.message {
+                        message.apply(&mut aimed);
                     }
                     out.push((endpoint.clone(), aimed));
                 }
@@ -139,6 +227,7 @@ mod tests {
             headers: vec![],
             timeout: Duration::from_secs(1),
             retry: RetryPolicy::new(vec![Duration::ZERO], 0.0, Duration::ZERO),
+            plugins: vec![],
         })
     }
 
@@ -153,6 +242,7 @@ mod tests {
                 endpoint("occupied", &["channel_occupied"], None),
                 endpoint("private", &[], Some("private-")),
             ],
+            plugins: vec![],
         }
     }
 
@@ -206,7 +296,7 @@ mod tests {
             .into_iter()
             .map(|d| Arc::new(Fixed(d)) as Arc<dyn Stage>)
             .collect();
-        Pipeline::new(HashMap::from([("a".to_string(), stages)]))
+        Pipeline::new(HashMap::from([("a".to_string(), stages)]), HashMap::new())
     }
 
     #[test]
@@ -224,11 +314,11 @@ mod tests {
         let p = with(vec![Decision::Route(vec![
             RouteTarget {
                 endpoint: "occupied".into(),
-                event: Some(special.clone()),
+                message: Some(Message::event(special.clone())),
             },
             RouteTarget {
                 endpoint: "private".into(),
-                event: None,
+                message: None,
             },
         ])]);
         let r = p.route(&app(), &job("member_added", "public-x")).unwrap();
@@ -244,7 +334,10 @@ mod tests {
     fn a_transform_is_what_later_stages_and_endpoints_see() {
         let changed =
             Event::from_json(json!({"name": "channel_occupied", "channel": "private-y"})).unwrap();
-        let p = with(vec![Decision::Transform(changed.clone()), Decision::Keep]);
+        let p = with(vec![
+            Decision::Transform(Message::event(changed.clone())),
+            Decision::Keep,
+        ]);
         let r = p.route(&app(), &job("member_added", "public-x")).unwrap();
         assert_eq!(ids(&r), ["all", "occupied", "private"]);
     }
@@ -253,7 +346,7 @@ mod tests {
     fn routing_to_an_unknown_endpoint_is_an_error() {
         let p = with(vec![Decision::Route(vec![RouteTarget {
             endpoint: "nope".into(),
-            event: None,
+            message: None,
         }])]);
         assert!(
             p.route(&app(), &job("x", "c"))

@@ -47,6 +47,10 @@ struct WireJob {
     endpoint: Option<String>,
     #[serde(default)]
     history: Vec<Attempt>,
+    #[serde(default)]
+    headers: Vec<(String, String)>,
+    #[serde(default)]
+    metadata: Vec<(String, String)>,
 }
 
 pub fn encode(job: &Job) -> String {
@@ -90,6 +94,8 @@ pub fn decode(queue: &str, entry_id: &str, raw: Option<&[u8]>) -> Result<Job, Ma
         attempt: wire.attempt,
         endpoint: wire.endpoint,
         history: wire.history,
+        headers: wire.headers,
+        metadata: wire.metadata,
     })
 }
 

@@ -79,6 +79,18 @@ pub fn sign(app: &App, endpoint: &Endpoint, job: &Job, now_s: i64) -> SignedRequ
     for (name, value) in &endpoint.headers {
         headers.insert(name.clone(), value.clone());
     }
+    // Headers plugins added; the ones the signer owns are never taken from them.
+    for (name, value) in &job.headers {
+        if is_reserved(name) {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.insert(n, v);
+        }
+    }
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
     match &endpoint.scheme {
@@ -133,6 +145,7 @@ mod tests {
             secrets: vec![Secret::new("app-secret")],
             ingest_token: Secret::new("t"),
             endpoints: vec![],
+            plugins: vec![],
         }
     }
 
@@ -149,6 +162,7 @@ mod tests {
             )],
             timeout: Duration::from_secs(1),
             retry: RetryPolicy::new(vec![Duration::ZERO], 0.0, Duration::ZERO),
+            plugins: vec![],
         }
     }
 

@@ -9,7 +9,7 @@ use super::Context;
 use crate::app::{App, Endpoint};
 use crate::delivery::{AttemptResult, Failure, FailureKind};
 use crate::event::{Attempt, Job, now_ms};
-use crate::pipeline::Routing;
+use crate::pipeline::{Prepared, Routing};
 use crate::queue::{Completion, DeadLetter, Effect, Entry, Stat};
 use crate::signing;
 
@@ -135,10 +135,40 @@ async fn deliver(
         return dead(queue, job, "endpoint answered 410 Gone earlier; deliveries to it are stopped until a dead letter of it is replayed".into());
     }
     let attempt = job.attempt + 1;
-    let span = info_span!("attempt", attempt, scheme = endpoint.scheme.name());
+    let span = info_span!(
+        "attempt",
+        attempt,
+        endpoint = endpoint.id,
+        scheme = endpoint.scheme.name()
+    );
     async {
+        job.endpoint = Some(endpoint.id.clone());
+        // The endpoint's chain runs on every attempt; its output is what is
+        // signed and sent, while a retry keeps the job as it was before it.
+        let prepared = match ctx.pipeline.prepare(app, &endpoint, job.clone()) {
+            Ok(Prepared::Deliver(prepared)) => prepared,
+            Ok(Prepared::Dropped { stage, reason }) => {
+                info!(
+                    stage,
+                    reason,
+                    outcome = "dropped",
+                    "event dropped by the endpoint's chain"
+                );
+                return vec![Effect::Count(Stat::Dropped)];
+            }
+            Err(e) => {
+                let failure = Failure {
+                    kind: FailureKind::Retryable,
+                    message: e.to_string(),
+                    status: None,
+                    body: None,
+                    retry_after: None,
+                };
+                return failed(queue, &endpoint.retry, job, attempt, failure);
+            }
+        };
         let now = now_ms();
-        let request = signing::sign(app, &endpoint, &job, (now / 1000) as i64);
+        let request = signing::sign(app, &endpoint, &prepared, (now / 1000) as i64);
         let result = ctx.deliverer.send(request, endpoint.timeout).await;
         let elapsed_ms = now_ms().saturating_sub(now);
         match result {
@@ -150,7 +180,6 @@ async fn deliver(
                 if failure.kind == FailureKind::Gone {
                     ctx.mark_gone(&app.id, &endpoint.id).await;
                 }
-                job.endpoint = Some(endpoint.id.clone());
                 failed(queue, &endpoint.retry, job, attempt, failure)
             }
         }

@@ -1,0 +1,448 @@
+//! WebAssembly plugins: the one module that uses wasmtime.
+//!
+//! One [`PluginEngine`] per process (one wasmtime `Engine` with a pooling
+//! allocator and epoch interruption, one `Linker` with the `log` import and a
+//! denying WASI context). Each plugin is compiled once (or loaded from the
+//! on-disk cache), checked against the `plugin` world and pre-instantiated;
+//! every call gets a fresh `Store` with its own deadline, memory cap and
+//! optional fuel, so no state crosses from one event, or one app, to the next.
+
+mod bindings;
+mod cache;
+mod registry;
+mod state;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+use self::bindings::PluginWorldPre;
+use self::bindings::types as wit;
+pub use self::registry::{PluginSpec, PluginStage, Registry};
+use self::state::State;
+use crate::event::Event;
+use crate::pipeline::{Decision, Message, RouteTarget};
+
+/// How often the epoch ticks: the resolution of plugin deadlines.
+const TICK: Duration = Duration::from_millis(1);
+
+/// What a plugin may use in one call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Wall-clock time per call.
+    pub deadline: Duration,
+    /// Instruction budget per call (deterministic); None when fuel is off.
+    pub fuel: Option<u64>,
+    /// Linear memory, in bytes.
+    pub max_memory: usize,
+    /// Total size of the payloads a decision returns, in bytes.
+    pub max_output: usize,
+}
+
+/// What happens to the job when a plugin traps, times out, breaks a limit or
+/// returns its own error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// The job is retried with backoff, then dead-lettered with the message.
+    Fail,
+    /// Carry on with the input unchanged (logged).
+    Skip,
+    /// The event is dropped (logged and counted).
+    Drop,
+}
+
+/// Why a call did not produce a decision. A plugin's own error (returned
+/// through WIT) is `Rejected`; everything else is the host stopping it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PluginFailure {
+    #[error("returned an error: {0}")]
+    Rejected(String),
+    #[error("trapped: {0}")]
+    Trapped(String),
+    #[error("ran past its deadline of {0:?}")]
+    TimedOut(Duration),
+    #[error("used up its fuel budget of {0}")]
+    OutOfFuel(u64),
+    #[error("hit its memory limit of {0} bytes")]
+    OutOfMemory(usize),
+    #[error("returned {size} bytes, over its output limit of {limit}")]
+    OutputTooLarge { size: usize, limit: usize },
+    #[error("returned a bad decision: {0}")]
+    BadOutput(String),
+    #[error("could not be instantiated: {0}")]
+    Instantiate(String),
+}
+
+/// Why a plugin file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a WebAssembly component: {reason}")]
+    NotAComponent { path: PathBuf, reason: String },
+    #[error("{path}: does not implement the wasmhook:plugin/plugin world: {reason}")]
+    WrongWorld { path: PathBuf, reason: String },
+}
+
+/// Engine-wide settings.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Where precompiled plugins are kept; None: compile on every start.
+    pub cache_dir: Option<PathBuf>,
+    /// Instances the pool holds (calls are synchronous on the worker's
+    /// threads, so at most one per thread is live at a time).
+    pub max_instances: u32,
+    /// Largest memory any plugin may have (the pool's slot size).
+    pub max_memory: usize,
+    /// Whether fuel metering is on (costs time on every call).
+    pub fuel: bool,
+}
+
+/// The wasmtime engine, linker and epoch ticker.
+#[derive(Clone)]
+pub struct PluginEngine {
+    engine: Engine,
+    linker: Arc<Linker<State>>,
+    cache_dir: Option<PathBuf>,
+    fuel: bool,
+}
+
+impl PluginEngine {
+    pub fn new(settings: &EngineSettings) -> anyhow::Result<Self> {
+        let mut pool = PoolingAllocationConfig::default();
+        let n = settings.max_instances.max(4);
+        pool.total_component_instances(n)
+            .total_core_instances(n * 4)
+            .total_memories(n * 2)
+            .total_tables(n * 4)
+            .max_memory_size(settings.max_memory)
+            .linear_memory_keep_resident(256 * 1024)
+            .table_keep_resident(16 * 1024);
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .consume_fuel(settings.fuel)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        state::add_to_linker(&mut linker)?;
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(TICK);
+                }
+            })?;
+        Ok(PluginEngine {
+            engine,
+            linker: Arc::new(linker),
+            cache_dir: settings.cache_dir.clone(),
+            fuel: settings.fuel,
+        })
+    }
+
+    /// Loads a plugin file: from the cache when this exact file was compiled
+    /// by a compatible engine before, else compiled (and cached).
+    pub fn load(
+        &self,
+        name: &str,
+        path: &Path,
+        limits: Limits,
+        policy: FailurePolicy,
+    ) -> Result<Plugin, LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.into(),
+            source,
+        })?;
+        self.load_bytes(name, path, &bytes, limits, policy)
+    }
+
+    pub fn load_bytes(
+        &self,
+        name: &str,
+        path: &Path,
+        bytes: &[u8],
+        limits: Limits,
+        policy: FailurePolicy,
+    ) -> Result<Plugin, LoadError> {
+        let not_component = |reason: String| LoadError::NotAComponent {
+            path: path.into(),
+            reason,
+        };
+        let (component, hash) = cache::compile(&self.engine, self.cache_dir.as_deref(), bytes)
+            .map_err(|e| not_component(format!("{e:#}")))?;
+        let wrong_world = |reason: String| LoadError::WrongWorld {
+            path: path.into(),
+            reason,
+        };
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| wrong_world(format!("{e:#}")))?;
+        let pre = PluginWorldPre::new(pre).map_err(|e| wrong_world(format!("{e:#}")))?;
+        Ok(Plugin {
+            name: name.into(),
+            path: path.into(),
+            hash,
+            pre,
+            limits: Limits {
+                fuel: if self.fuel { limits.fuel } else { None },
+                ..limits
+            },
+            policy,
+            engine: self.engine.clone(),
+        })
+    }
+
+    /// What a component imports and exports, as text (`plugin inspect`).
+    pub fn describe(&self, bytes: &[u8]) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+        let component = Component::from_binary(&self.engine, bytes)?;
+        let ty = component.component_type();
+        let imports = ty
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let exports = ty
+            .exports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        Ok((imports, exports))
+    }
+}
+
+/// A compiled, checked, pre-instantiated plugin.
+pub struct Plugin {
+    pub name: Arc<str>,
+    pub path: PathBuf,
+    /// SHA-256 of the component file.
+    pub hash: String,
+    pre: PluginWorldPre<State>,
+    pub limits: Limits,
+    pub policy: FailurePolicy,
+    engine: Engine,
+}
+
+/// The event as a plugin sees it.
+#[derive(Debug, Clone)]
+pub struct PluginInput<'a> {
+    pub id: &'a str,
+    pub app_id: &'a str,
+    pub event: &'a Event,
+    pub headers: &'a [(String, String)],
+    pub metadata: &'a [(String, String)],
+    pub attempt: u32,
+    pub endpoint: Option<&'a str>,
+}
+
+/// A decision and what it cost.
+#[derive(Debug)]
+pub struct Called {
+    pub decision: Result<Decision, PluginFailure>,
+    pub elapsed: Duration,
+    /// What the guest wrote to stderr (panic messages), capped.
+    pub stderr: String,
+}
+
+impl Plugin {
+    /// Runs the plugin once, in a fresh store.
+    pub fn call(&self, input: &PluginInput<'_>, config: &[(String, String)]) -> Called {
+        let started = Instant::now();
+        let (state, stderr) = State::new(self.name.clone(), input.app_id, self.limits.max_memory);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        let ticks = (self.limits.deadline.as_nanos() / TICK.as_nanos()).max(1) as u64;
+        store.set_epoch_deadline(ticks + 1);
+        store.epoch_deadline_trap();
+        if let Some(fuel) = self.limits.fuel {
+            // Cannot fail: fuel is on whenever a budget is set.
+            let _ = store.set_fuel(fuel);
+        }
+        let decision = self.run(&mut store, input, config);
+        let stderr = String::from_utf8_lossy(&stderr.contents())
+            .trim()
+            .to_string();
+        let decision = decision.map_err(|failure| match failure {
+            PluginFailure::Trapped(msg) if !stderr.is_empty() => {
+                PluginFailure::Trapped(format!("{msg}: {stderr}"))
+            }
+            other => other,
+        });
+        Called {
+            decision,
+            elapsed: started.elapsed(),
+            stderr,
+        }
+    }
+
+    fn run(
+        &self,
+        store: &mut Store<State>,
+        input: &PluginInput<'_>,
+        config: &[(String, String)],
+    ) -> Result<Decision, PluginFailure> {
+        let instance = self
+            .pre
+            .instantiate(&mut *store)
+            .map_err(|e| self.classify(store, e, true))?;
+        let event = wit::Event {
+            id: input.id.to_string(),
+            app_id: input.app_id.to_string(),
+            event_type: input.event.name.clone(),
+            channel: input.event.channel.clone(),
+            payload: serde_json::to_string(input.event).expect("events always serialize"),
+            headers: input
+                .headers
+                .iter()
+                .map(|(name, value)| wit::Header {
+                    name: name.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
+            metadata: pairs(input.metadata),
+            attempt: input.attempt,
+            endpoint: input.endpoint.map(str::to_string),
+        };
+        let config = pairs(config);
+        let result = instance
+            .call_handle(&mut *store, &event, &config)
+            .map_err(|e| self.classify(store, e, false))?;
+        match result {
+            Ok(decision) => self.convert(decision),
+            Err(e) => Err(PluginFailure::Rejected(e.message)),
+        }
+    }
+
+    /// Tells a trap from a timeout, a fuel or memory limit.
+    fn classify(
+        &self,
+        store: &Store<State>,
+        error: wasmtime::Error,
+        instantiating: bool,
+    ) -> PluginFailure {
+        if store.data().limiter.hit {
+            return PluginFailure::OutOfMemory(self.limits.max_memory);
+        }
+        match error.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => PluginFailure::TimedOut(self.limits.deadline),
+            Some(Trap::OutOfFuel) => PluginFailure::OutOfFuel(self.limits.fuel.unwrap_or(0)),
+            Some(trap) => PluginFailure::Trapped(trap.to_string()),
+            None if instantiating => PluginFailure::Instantiate(format!("{error:#}")),
+            None => PluginFailure::Trapped(format!("{error:#}")),
+        }
+    }
+
+    fn convert(&self, decision: wit::Decision) -> Result<Decision, PluginFailure> {
+        let size = match &decision {
+            wit::Decision::Transform(m) => m.payload.len(),
+            wit::Decision::Route(targets) => targets
+                .iter()
+                .filter_map(|t| t.message.as_ref())
+                .map(|m| m.payload.len())
+                .sum(),
+            wit::Decision::Drop(reason) => reason.len(),
+            wit::Decision::Keep => 0,
+        };
+        if size > self.limits.max_output {
+            return Err(PluginFailure::OutputTooLarge {
+                size,
+                limit: self.limits.max_output,
+            });
+        }
+        Ok(match decision {
+            wit::Decision::Keep => Decision::Keep,
+            wit::Decision::Drop(reason) => Decision::Drop(reason),
+            wit::Decision::Transform(m) => Decision::Transform(message(m)?),
+            wit::Decision::Route(targets) => Decision::Route(
+                targets
+                    .into_iter()
+                    .map(|t| {
+                        Ok(RouteTarget {
+                            endpoint: t.endpoint,
+                            message: t.message.map(message).transpose()?,
+                        })
+                    })
+                    .collect::<Result<_, PluginFailure>>()?,
+            ),
+        })
+    }
+}
+
+fn pairs(items: &[(String, String)]) -> Vec<wit::Pair> {
+    items
+        .iter()
+        .map(|(key, value)| wit::Pair {
+            key: key.clone(),
+            value: value.clone(),
+        })
+        .collect()
+}
+
+fn message(m: wit::Message) -> Result<Message, PluginFailure> {
+    let value: serde_json::Value = serde_json::from_str(&m.payload)
+        .map_err(|e| PluginFailure::BadOutput(format!("payload is not JSON: {e}")))?;
+    let event = Event::from_json(value)
+        .map_err(|e| PluginFailure::BadOutput(format!("payload is not an event: {e}")))?;
+    Ok(Message {
+        event,
+        headers: m
+            .headers
+            .into_iter()
+            .map(|h| (h.name.to_ascii_lowercase(), h.value))
+            .collect(),
+        metadata: m.metadata.into_iter().map(|p| (p.key, p.value)).collect(),
+    })
+}
+
+/// Loads every configured plugin and builds the app and endpoint chains.
+pub fn build_pipeline(
+    settings: &crate::config::Settings,
+) -> anyhow::Result<(crate::pipeline::Pipeline, Option<Arc<Registry>>)> {
+    use std::collections::HashMap;
+
+    use crate::pipeline::{Chain, Pipeline};
+
+    let used = settings
+        .apps
+        .iter()
+        .any(|a| !a.plugins.is_empty() || a.endpoints.iter().any(|e| !e.plugins.is_empty()));
+    if settings.plugins.is_empty() && !used {
+        return Ok((Pipeline::default(), None));
+    }
+    let engine = PluginEngine::new(&settings.wasm)?;
+    let registry = Registry::load(engine, &settings.plugins)?;
+    let chain = |refs: &[crate::app::PluginRef]| -> Chain {
+        refs.iter()
+            .map(|r| {
+                Arc::new(PluginStage {
+                    registry: registry.clone(),
+                    plugin: r.plugin.clone(),
+                    config: r.config.clone(),
+                }) as Arc<dyn crate::pipeline::Stage>
+            })
+            .collect()
+    };
+    let mut apps = HashMap::new();
+    let mut endpoints = HashMap::new();
+    for app in settings.apps.iter() {
+        if !app.plugins.is_empty() {
+            apps.insert(app.id.clone(), chain(&app.plugins));
+        }
+        for e in &app.endpoints {
+            if !e.plugins.is_empty() {
+                endpoints.insert((app.id.clone(), e.id.clone()), chain(&e.plugins));
+            }
+        }
+    }
+    Ok((Pipeline::new(apps, endpoints), Some(registry)))
+}
