@@ -48,6 +48,10 @@ pub enum Scheme {
     /// Standard Webhooks: `{"type", "timestamp", "data"}`, `webhook-id`,
     /// `webhook-timestamp`, `webhook-signature` (one `v1,` entry per key).
     Standard { keys: Vec<StandardKey> },
+    /// The event object as the chain left it, with no envelope (e.g. a Slack
+    /// message built by a plugin); signed the Standard Webhooks way when it
+    /// has keys.
+    Raw { keys: Vec<StandardKey> },
 }
 
 impl Scheme {
@@ -55,6 +59,7 @@ impl Scheme {
         match self {
             Scheme::Pusher => "pusher",
             Scheme::Standard { .. } => "standard",
+            Scheme::Raw { .. } => "raw",
         }
     }
 }

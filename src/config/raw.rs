@@ -162,6 +162,7 @@ pub enum SchemeName {
     #[default]
     Pusher,
     Standard,
+    Raw,
 }
 
 /// One endpoint. The soketi `webhooks` entry is a subset of this, so soketi

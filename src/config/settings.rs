@@ -476,12 +476,12 @@ fn build_endpoint(
     let scheme = match w.scheme {
         SchemeName::Pusher => {
             if !w.secrets.is_empty() {
-                c.fail(format!("{path}.secrets"), "only `standard` endpoints take secrets; `pusher` endpoints are signed with the app's secret");
+                c.fail(format!("{path}.secrets"), "only `standard` and `raw` endpoints take secrets; `pusher` endpoints are signed with the app's secret");
             }
             Scheme::Pusher
         }
-        SchemeName::Standard => {
-            if w.secrets.is_empty() {
+        SchemeName::Standard | SchemeName::Raw => {
+            if w.secrets.is_empty() && w.scheme == SchemeName::Standard {
                 c.fail(
                     format!("{path}.secrets"),
                     "a `standard` endpoint needs at least one whsec_ secret",
@@ -494,7 +494,11 @@ fn build_endpoint(
                     Err(e) => c.fail(format!("{path}.secrets[{k}]"), e.to_string()),
                 }
             }
-            Scheme::Standard { keys }
+            if w.scheme == SchemeName::Raw {
+                Scheme::Raw { keys }
+            } else {
+                Scheme::Standard { keys }
+            }
         }
     };
     for (k, t) in w.event_types.iter().enumerate() {
@@ -561,6 +565,7 @@ fn derived_endpoint_id(w: &RawWebhook) -> String {
     let scheme = match w.scheme {
         SchemeName::Pusher => "pusher",
         SchemeName::Standard => "standard",
+        SchemeName::Raw => "raw",
     };
     let digest = Sha256::digest(format!("{scheme} {}", w.url.as_deref().unwrap_or("")).as_bytes());
     format!("ep_{}", &hex::encode(digest)[..12])

@@ -255,8 +255,20 @@ pub struct Called {
 }
 
 impl Plugin {
-    /// Runs the plugin once, in a fresh store.
+    /// Runs the plugin once, in a fresh store. The call runs on the calling
+    /// thread; inside a multi-threaded tokio runtime the thread is first
+    /// handed over to blocking work (WASI's synchronous host calls, such as a
+    /// guest writing its panic message, block on the runtime).
     pub fn call(&self, input: &PluginInput<'_>, config: &[(String, String)]) -> Called {
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                tokio::task::block_in_place(|| self.call_here(input, config))
+            }
+            _ => self.call_here(input, config),
+        }
+    }
+
+    fn call_here(&self, input: &PluginInput<'_>, config: &[(String, String)]) -> Called {
         let started = Instant::now();
         let (state, stderr) = State::new(self.name.clone(), input.app_id, self.limits.max_memory);
         let mut store = Store::new(&self.engine, state);

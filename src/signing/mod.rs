@@ -67,6 +67,7 @@ pub fn body(endpoint: &Endpoint, job: &Job) -> Bytes {
             timestamp: rfc3339_ms(job.created_ms),
             data: &job.event,
         }),
+        Scheme::Raw { .. } => serde_json::to_vec(&job.event),
     };
     Bytes::from(bytes.expect("events always serialize"))
 }
@@ -99,7 +100,8 @@ pub fn sign(app: &App, endpoint: &Endpoint, job: &Job, now_s: i64) -> SignedRequ
             insert(&mut headers, pusher::KEY_HEADER, &app.key);
             insert(&mut headers, pusher::SIGNATURE_HEADER, &signature);
         }
-        Scheme::Standard { keys } => {
+        Scheme::Raw { keys } if keys.is_empty() => {}
+        Scheme::Standard { keys } | Scheme::Raw { keys } => {
             insert(&mut headers, standard::ID_HEADER, &job.id);
             insert(&mut headers, standard::TIMESTAMP_HEADER, &now_s.to_string());
             insert(

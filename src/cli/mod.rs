@@ -1,4 +1,6 @@
-//! The command line: `serve`, `send`, `dlq`, `queues`, `config`.
+//! The command line: `serve`, `send`, `dlq`, `queues`, `config`, `plugin`.
+
+mod plugin;
 
 use std::path::PathBuf;
 
@@ -19,9 +21,6 @@ use crate::service::{self, Mode};
     about = "Durable, signed webhook delivery with a WebAssembly plugin pipeline"
 )]
 pub struct Cli {
-    /// Config file (TOML). Without one: built-in defaults and a demo app.
-    #[arg(long, global = true, env = "WASMHOOK_CONFIG")]
-    pub config: Option<PathBuf>,
     /// Log format: overrides `log.format`.
     #[arg(long, global = true, value_parser = ["pretty", "json"])]
     pub log_format: Option<String>,
@@ -35,22 +34,54 @@ pub enum Command {
     Serve {
         #[arg(long, value_enum, default_value = "all", env = "WASMHOOK_MODE")]
         mode: Mode,
+        #[command(flatten)]
+        file: ConfigFile,
     },
     /// Enqueue one event (straight into Redis, or through the ingest when no
     /// Redis is configured).
-    Send(SendArgs),
+    Send {
+        #[command(flatten)]
+        args: SendArgs,
+        #[command(flatten)]
+        file: ConfigFile,
+    },
     /// Inspect and replay dead letters.
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+        #[command(flatten)]
+        file: ConfigFile,
     },
     /// Show each queue's depth and outcome counters.
-    Queues,
+    Queues {
+        #[command(flatten)]
+        file: ConfigFile,
+    },
     /// Check or show configuration.
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+        #[command(flatten)]
+        file: ConfigFile,
     },
+    /// Run, inspect or create plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: plugin::PluginCommand,
+    },
+}
+
+/// `--config FILE`, on the commands that read a config.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ConfigFile {
+    /// Config file (TOML). Without one: built-in defaults and a demo app.
+    #[arg(
+        long = "config",
+        global = true,
+        env = "WASMHOOK_CONFIG",
+        value_name = "FILE"
+    )]
+    pub path: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -110,14 +141,25 @@ pub enum ConfigCommand {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Config {
         command: ConfigCommand::Defaults,
+        ..
     } = cli.command
     {
         print!("{}", config::DEFAULTS);
         return Ok(());
     }
-    let loaded = config::load(cli.config.as_deref());
+    let file = match &cli.command {
+        Command::Serve { file, .. }
+        | Command::Send { file, .. }
+        | Command::Dlq { file, .. }
+        | Command::Queues { file }
+        | Command::Config { file, .. } => file.path.clone(),
+        // `plugin` runs with the built-in defaults: its --config is the plugin's.
+        Command::Plugin { .. } => None,
+    };
+    let loaded = config::load(file.as_deref());
     if let Command::Config {
         command: ConfigCommand::Check,
+        ..
     } = cli.command
     {
         let settings = loaded?;
@@ -145,14 +187,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     crate::telemetry::init(format, &settings.log.level);
     match cli.command {
-        Command::Serve { mode } => {
+        Command::Serve { mode, .. } => {
             let shutdown = CancellationToken::new();
             service::shutdown_on_signals(shutdown.clone());
             service::serve(settings, mode, None, shutdown).await
         }
-        Command::Send(args) => send(&settings, args).await,
-        Command::Dlq { command } => dlq(&settings, command).await,
-        Command::Queues => queues(&settings).await,
+        Command::Send { args, .. } => send(&settings, args).await,
+        Command::Dlq { command, .. } => dlq(&settings, command).await,
+        Command::Queues { .. } => queues(&settings).await,
+        Command::Plugin { command } => plugin::run(&settings, command),
         Command::Config { .. } => unreachable!("handled above"),
     }
 }
