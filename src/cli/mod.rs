@@ -163,6 +163,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     } = cli.command
     {
         let settings = loaded?;
+        // Plugins are part of the config: a file that is missing or does not
+        // implement the world is a config error.
+        crate::plugin::build_pipeline(&settings)?;
         println!(
             "configuration ok: {} app(s), {} endpoint(s), queue: {}",
             settings.apps.len(),

@@ -502,3 +502,62 @@ pub async fn post_events(
         serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
     )
 }
+
+/// A plugin component built from `plugins/` (the whole workspace is built
+/// once per test process; cargo's lock serializes concurrent builds).
+pub fn plugin(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = std::process::Command::new(cargo)
+            .args(["build", "--release", "--target", "wasm32-wasip2"])
+            .current_dir(&root)
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("CARGO_TARGET_DIR")
+            .output()
+            .expect("cargo runs");
+        assert!(
+            out.status.success(),
+            "building plugins/ failed (rustup target add wasm32-wasip2?):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        root.join("target/wasm32-wasip2/release")
+    });
+    let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
+    assert!(path.exists(), "no plugin {name} at {}", path.display());
+    path
+}
+
+/// `[wasm]` for tests: a compile cache shared by the test run, fast file watching.
+pub fn wasm_section(extra: &str) -> String {
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache");
+    format!(
+        "\n[wasm]\ncache_dir = \"{}\"\nwatch_interval = \"100ms\"\n{extra}\n",
+        cache.display()
+    )
+}
+
+/// `[plugins.NAME]` for a component file.
+pub fn plugin_def(name: &str, path: &std::path::Path, extra: &str) -> String {
+    format!(
+        "\n[plugins.{name}]\npath = \"{}\"\n{extra}\n",
+        path.display()
+    )
+}
+
+/// An app whose own chain is `chain` (TOML array of plugin refs).
+pub fn app_with_chain(id: &str, chain: &str, webhooks: &str) -> String {
+    format!(
+        r#"
+[[apps]]
+id = "{id}"
+key = "{id}-key"
+secret = "{APP_SECRET}"
+ingest_token = "{id}-token"
+plugins = {chain}
+{webhooks}
+"#
+    )
+}

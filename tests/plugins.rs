@@ -1,0 +1,736 @@
+//! The WebAssembly plugin pipeline end to end: real components built from
+//! `plugins/`, a real Redis, a real receiver.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use wasmhook::service::Mode;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn send(ingest: &str, app: &str, event: Value) -> String {
+    let (status, body) = post_events(
+        ingest,
+        app,
+        Some(&format!("{app}-token")),
+        event.to_string(),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    body["ids"][0].as_str().unwrap().to_string()
+}
+
+fn event_of(r: &Received) -> Value {
+    let body = r.json();
+    if body.get("events").is_some() {
+        body["events"][0].clone()
+    } else {
+        body["data"].clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redact_transforms_and_the_signature_covers_the_transformed_bytes() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let chain = r#"[{ plugin = "redact", config = { paths = "data.email,data.card.number" } }]"#;
+    let endpoints = pusher_endpoint(&rx.url("pusher")) + &standard_endpoint(&rx.url("std"));
+    let text = config(
+        Some(&redis.url),
+        &prefix("redact"),
+        "127.0.0.1:0",
+        &app_with_chain("app-1", chain, &endpoints),
+    ) + &wasm_section("")
+        + &plugin_def("redact", &plugin("redact"), "");
+    let wh = Running::start(&text, Mode::All).await;
+    let data =
+        json!({"email": "ada@example.com", "card": {"number": "4242424242424242"}, "order": 17})
+            .to_string();
+    send(&wh.ingest, "app-1", json!({"name": "client_event", "channel": "private-a", "event": "client-pay", "data": data})).await;
+
+    for path in ["pusher", "std"] {
+        let got = rx.wait_for(path, 1, WAIT).await;
+        let body = String::from_utf8_lossy(&got[0].body).into_owned();
+        assert!(
+            !body.contains("ada@example.com") && !body.contains("4242424242424242"),
+            "{body}"
+        );
+        let inner: Value =
+            serde_json::from_str(event_of(&got[0])["data"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            inner,
+            json!({"email": "***", "card": {"number": "***"}, "order": 17})
+        );
+        if path == "pusher" {
+            verify_pusher(&got[0], "app-1-key", APP_SECRET);
+        } else {
+            verify_standard(&got[0], WHSEC);
+        }
+    }
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_filter_drops_are_recorded_and_never_delivered() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let chain = r#"[{ plugin = "tenant-filter", config = { deny_types = "member_added", channel_prefix = "private-" } }]"#;
+    let text = config(
+        Some(&redis.url),
+        &prefix("filter"),
+        "127.0.0.1:0",
+        &app_with_chain("app-1", chain, &pusher_endpoint(&rx.url("hook"))),
+    ) + &wasm_section("")
+        + &plugin_def("tenant-filter", &plugin("tenant-filter"), "");
+    let wh = Running::start(&text, Mode::All).await;
+    send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "member_added", "channel": "private-a", "user_id": "1"}),
+    )
+    .await;
+    send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "client_event", "channel": "public-a"}),
+    )
+    .await;
+    send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "client_event", "channel": "private-b"}),
+    )
+    .await;
+
+    let got = rx.wait_for("hook", 1, WAIT).await;
+    assert_eq!(event_of(&got[0])["channel"], "private-b");
+    let q = queue(&text);
+    eventually("drops recorded", WAIT, async || {
+        let a = q
+            .stats("member_added")
+            .await
+            .unwrap()
+            .get("dropped")
+            .copied();
+        let c = q
+            .stats("client_event")
+            .await
+            .unwrap()
+            .get("dropped")
+            .copied();
+        (a == Some(1) && c == Some(1)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.received("hook").len(), 1);
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_by_event_sends_to_exactly_the_chosen_endpoints() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let chain = r#"[{ plugin = "route-by-event", config = { "type.client_event" = "a", "type.member_added" = "a,b", "channel_prefix.presence-" = "c" } }]"#;
+    let endpoints = format!(
+        "{}id = \"a\"\n{}id = \"b\"\n{}id = \"c\"\n",
+        pusher_endpoint(&rx.url("a")),
+        pusher_endpoint(&rx.url("b")),
+        pusher_endpoint(&rx.url("c"))
+    );
+    let text = config(
+        Some(&redis.url),
+        &prefix("route"),
+        "127.0.0.1:0",
+        &app_with_chain("app-1", chain, &endpoints),
+    ) + &wasm_section("")
+        + &plugin_def("route-by-event", &plugin("route-by-event"), "");
+    let wh = Running::start(&text, Mode::All).await;
+    send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "client_event", "channel": "x"}),
+    )
+    .await;
+    send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "member_added", "channel": "y", "user_id": "1"}),
+    )
+    .await;
+    send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "channel_vacated", "channel": "presence-z"}),
+    )
+    .await;
+    send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "cache_miss", "channel": "nothing-matches"}),
+    )
+    .await;
+
+    rx.wait_for("a", 2, WAIT).await;
+    rx.wait_for("b", 1, WAIT).await;
+    rx.wait_for("c", 1, WAIT).await;
+    let q = queue(&text);
+    eventually("no-match drop recorded", WAIT, async || {
+        (q.stats("cache_miss").await.unwrap().get("dropped") == Some(&1)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let names = |p: &str| -> Vec<String> {
+        let mut v: Vec<String> = rx
+            .received(p)
+            .iter()
+            .map(|r| event_of(r)["name"].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names("a"), ["client_event", "member_added"]);
+    assert_eq!(names("b"), ["member_added"]);
+    assert_eq!(names("c"), ["channel_vacated"]);
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_format_reshapes_the_body_for_one_endpoint_only() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let endpoints = format!(
+        "{}\n[[apps.webhooks]]\nurl = \"{}\"\nscheme = \"raw\"\nsecrets = [\"{WHSEC}\"]\nplugins = [{{ plugin = \"slack\", config = {{ template = \"{{name}} on {{channel}}\", username = \"hooks\" }} }}]\n",
+        pusher_endpoint(&rx.url("plain")),
+        rx.url("slack")
+    );
+    let text = config(
+        Some(&redis.url),
+        &prefix("slack"),
+        "127.0.0.1:0",
+        &app("app-1", &endpoints),
+    ) + &wasm_section("")
+        + &plugin_def("slack", &plugin("slack-format"), "");
+    let wh = Running::start(&text, Mode::All).await;
+    send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "channel_occupied", "channel": "private-orders"}),
+    )
+    .await;
+
+    let slack = rx.wait_for("slack", 1, WAIT).await;
+    let body = slack[0].json();
+    assert_eq!(body["text"], "channel_occupied on private-orders", "{body}");
+    assert_eq!(body["username"], "hooks");
+    verify_standard(&slack[0], WHSEC);
+    let plain = rx.wait_for("plain", 1, WAIT).await;
+    assert_eq!(
+        event_of(&plain[0]),
+        json!({"name": "channel_occupied", "channel": "private-orders"})
+    );
+    verify_pusher(&plain[0], "app-1-key", APP_SECRET);
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runaway_plugin_is_cut_off_while_other_apps_keep_delivering() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let apps = app_with_chain(
+        "looper",
+        r#"[{ plugin = "loop" }]"#,
+        &pusher_endpoint(&rx.url("looper")),
+    ) + &app("calm", &pusher_endpoint(&rx.url("calm")));
+    let text = config(Some(&redis.url), &prefix("loop"), "127.0.0.1:0", &apps)
+        + &wasm_section("")
+        + &plugin_def("loop", &plugin("infinite-loop"), "deadline = \"50ms\"");
+    let wh = Running::start(&text, Mode::All).await;
+    send(
+        &wh.ingest,
+        "looper",
+        json!({"name": "client_event", "channel": "x"}),
+    )
+    .await;
+    for i in 0..20 {
+        send(
+            &wh.ingest,
+            "calm",
+            json!({"name": "client_event", "channel": format!("c{i}")}),
+        )
+        .await;
+    }
+    rx.wait_for("calm", 20, WAIT).await;
+
+    let q = queue(&text);
+    let letters = eventually("the looping job dead-lettered", WAIT, async || {
+        let l = q.dead_letters("client_event", 10).await.unwrap();
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    let letter = &letters[0].1;
+    assert_eq!(
+        letter.attempts, 3,
+        "failure policy `fail`: retried on the schedule"
+    );
+    assert!(
+        letter.reason.contains("ran past its deadline of 50ms"),
+        "{}",
+        letter.reason
+    );
+    assert_eq!(letter.job.as_ref().unwrap().app_id, "looper");
+    assert!(rx.received("looper").is_empty());
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_failure_follows_its_plugins_policy() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let apps = [
+        ("hog", "hog"),
+        ("big", "big"),
+        ("skipper", "trap-skip"),
+        ("dropper", "error-drop"),
+        ("failer", "error-fail"),
+    ]
+    .iter()
+    .map(|(app, p)| {
+        app_with_chain(
+            app,
+            &format!("[{{ plugin = \"{p}\", config = {{ message = \"no thanks\" }} }}]"),
+            &pusher_endpoint(&rx.url(app)),
+        )
+    })
+    .collect::<String>();
+    let text = config(Some(&redis.url), &prefix("policies"), "127.0.0.1:0", &apps)
+        + &wasm_section("")
+        + &plugin_def("hog", &plugin("memory-hog"), "max_memory = 16777216")
+        + &plugin_def("big", &plugin("oversized-output"), "")
+        + &plugin_def("trap-skip", &plugin("trap"), "on_failure = \"skip\"")
+        + &plugin_def(
+            "error-drop",
+            &plugin("plugin-error"),
+            "on_failure = \"drop\"",
+        )
+        + &plugin_def(
+            "error-fail",
+            &plugin("plugin-error"),
+            "on_failure = \"fail\"",
+        );
+    let wh = Running::start(&text, Mode::All).await;
+    for (app, name) in [
+        ("hog", "cache_miss"),
+        ("big", "member_removed"),
+        ("skipper", "client_event"),
+        ("dropper", "channel_vacated"),
+        ("failer", "channel_occupied"),
+    ] {
+        send(
+            &wh.ingest,
+            app,
+            json!({"name": name, "channel": "private-x", "data": "{}"}),
+        )
+        .await;
+    }
+    let skipped = rx.wait_for("skipper", 1, WAIT).await;
+    assert_eq!(
+        event_of(&skipped[0]),
+        json!({"name": "client_event", "channel": "private-x", "data": "{}"}),
+        "skip: delivered unchanged"
+    );
+
+    let q = queue(&text);
+    let reason_of = async |queue: &str| -> String {
+        let l = eventually(queue, WAIT, async || {
+            let l = q.dead_letters(queue, 10).await.unwrap();
+            (!l.is_empty()).then_some(l)
+        })
+        .await;
+        l[0].1.reason.clone()
+    };
+    assert!(
+        reason_of("cache_miss")
+            .await
+            .contains("hit its memory limit of 16777216 bytes")
+    );
+    assert!(
+        reason_of("member_removed")
+            .await
+            .contains("over its output limit of 1048576")
+    );
+    let failed = reason_of("channel_occupied").await;
+    assert!(
+        failed.contains("returned an error") && failed.contains("no thanks"),
+        "the plugin's own message is kept: {failed}"
+    );
+    eventually("drop recorded", WAIT, async || {
+        (q.stats("channel_vacated").await.unwrap().get("dropped") == Some(&1)).then_some(())
+    })
+    .await;
+    for path in ["hog", "big", "dropper", "failer"] {
+        assert!(rx.received(path).is_empty(), "{path} got nothing");
+    }
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_only_ever_sees_its_own_apps_events() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let apps = app_with_chain(
+        "tenant-a",
+        r#"[{ plugin = "echo", config = { tenant = "A" } }]"#,
+        &pusher_endpoint(&rx.url("a")),
+    ) + &app_with_chain(
+        "tenant-b",
+        r#"[{ plugin = "echo", config = { tenant = "B" } }, { plugin = "trap" }]"#,
+        &pusher_endpoint(&rx.url("b")),
+    ) + &app("tenant-c", &pusher_endpoint(&rx.url("c")));
+    let text = config(Some(&redis.url), &prefix("isolation"), "127.0.0.1:0", &apps)
+        + &wasm_section("")
+        + &plugin_def("echo", &plugin("echo-config"), "")
+        + &plugin_def("trap", &plugin("trap"), "");
+    let wh = Running::start(&text, Mode::All).await;
+    for i in 0..5 {
+        for app in ["tenant-a", "tenant-b", "tenant-c"] {
+            send(
+                &wh.ingest,
+                app,
+                json!({"name": "client_event", "channel": format!("{app}-{i}")}),
+            )
+            .await;
+        }
+    }
+    let a = rx.wait_for("a", 5, WAIT).await;
+    let c = rx.wait_for("c", 5, WAIT).await;
+    for r in &a {
+        let e = event_of(r);
+        assert_eq!(e["plugin"]["app_id"], "tenant-a");
+        assert_eq!(e["plugin"]["config"], json!({"tenant": "A"}));
+        assert!(e["channel"].as_str().unwrap().starts_with("tenant-a-"));
+    }
+    for r in &c {
+        assert!(event_of(r).get("plugin").is_none(), "app C has no plugins");
+    }
+    // App B's chain traps: its events never arrive, and nothing of A or C is affected.
+    let q = queue(&text);
+    eventually("B's events dead-lettered", WAIT, async || {
+        let l = q.dead_letters("client_event", 100).await.unwrap();
+        (l.len() == 5).then_some(())
+    })
+    .await;
+    let letters = q.dead_letters("client_event", 100).await.unwrap();
+    assert!(
+        letters
+            .iter()
+            .all(|(_, l)| l.job.as_ref().unwrap().app_id == "tenant-b"
+                && l.reason.contains("trapped"))
+    );
+    assert!(rx.received("b").is_empty());
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_a_plugin_file_switches_behaviour_and_loses_nothing() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live.wasm");
+    std::fs::copy(plugin("add-field"), &live).unwrap();
+    let chain = r#"[{ plugin = "live", config = { field = "version", value = "one" } }]"#;
+    let text = config(
+        Some(&redis.url),
+        &prefix("reload"),
+        "127.0.0.1:0",
+        &app_with_chain("app-1", chain, &standard_endpoint(&rx.url("hook"))),
+    ) + &wasm_section("")
+        + &plugin_def("live", &live, "");
+    let wh = Running::start(&text, Mode::All).await;
+
+    let swap = |from: std::path::PathBuf| {
+        let tmp = dir.path().join(format!("next-{}.wasm", ulid::Ulid::new()));
+        std::fs::copy(from, &tmp).unwrap();
+        std::fs::rename(&tmp, &live).unwrap();
+    };
+    let mut ids = HashSet::new();
+    for i in 0..150 {
+        ids.insert(
+            send(
+                &wh.ingest,
+                "app-1",
+                json!({"name": "client_event", "channel": format!("c{i}")}),
+            )
+            .await,
+        );
+        if i == 50 {
+            swap(plugin("echo-config"));
+        }
+        if i == 100 {
+            // A broken version is rejected; the running one stays.
+            swap(plugin("wrong-world"));
+        }
+        tokio::time::sleep(Duration::from_millis(8)).await;
+    }
+    let got = rx.wait_for("hook", 150, WAIT).await;
+    let seen: HashSet<String> = got
+        .iter()
+        .map(|r| r.header("webhook-id").to_string())
+        .collect();
+    assert_eq!(seen, ids, "every event delivered across the reloads");
+    let by_channel = |c: &str| {
+        got.iter()
+            .map(event_of)
+            .find(|e| e["channel"] == c)
+            .unwrap()
+    };
+    assert_eq!(by_channel("c0")["version"], "one");
+    assert!(by_channel("c0").get("plugin").is_none());
+    let last = by_channel("c149");
+    assert_eq!(
+        last["plugin"]["config"]["field"], "version",
+        "the new version runs (and keeps running after a bad file)"
+    );
+    assert!(last.get("version").is_none());
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_plugins_stop_serve_before_any_job_is_taken() {
+    let redis = RedisServer::start();
+    let base = config(
+        Some(&redis.url),
+        &prefix("bad"),
+        "127.0.0.1:0",
+        &app_with_chain("app-1", r#"[{ plugin = "p" }]"#, ""),
+    ) + &wasm_section("");
+    for (file, expected) in [
+        (
+            plugin("wrong-world"),
+            "does not implement the wasmhook:plugin/plugin world",
+        ),
+        (
+            std::path::PathBuf::from("/nonexistent/plugin.wasm"),
+            "cannot read",
+        ),
+    ] {
+        let text = base.clone() + &plugin_def("p", &file, "");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let err = wasmhook::service::serve(
+            settings(&text),
+            Mode::All,
+            Some(listener),
+            Default::default(),
+        )
+        .await
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains(expected) && msg.contains(&file.display().to_string()),
+            "{msg}"
+        );
+    }
+    // A plugin named by an app but not defined is a config error with its path.
+    let err = wasmhook::config::load_from(None, Some(&base), Vec::<(String, String)>::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("apps[0].plugins[0].plugin: no plugin \"p\" is defined"),
+        "{err}"
+    );
+    // `config check` loads plugins too.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &(base + &plugin_def("p", &plugin("wrong-world"), "")));
+    let (ok, _, err) = run_cli(&path, &["config", "check"]).await;
+    assert!(!ok && err.contains("does not implement"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_test_inspect_and_new_work_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let event = dir.path().join("event.json");
+    std::fs::write(&event, json!({"time_ms": 1, "events": [{"name": "client_event", "channel": "private-a", "data": "{\"email\":\"x@y.z\"}"}]}).to_string()).unwrap();
+    let cli = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new(binary())
+            .args(args)
+            .output()
+            .await
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let redact = plugin("redact").display().to_string();
+    let ev = event.display().to_string();
+
+    let (ok, out, err) = cli(s(&[
+        "plugin",
+        "test",
+        &redact,
+        "--event",
+        &ev,
+        "--config",
+        "paths=data.email",
+        "--json",
+    ]))
+    .await;
+    assert!(ok, "{err}");
+    let result: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(result["decision"], "transform");
+    assert_eq!(result["message"]["payload"]["data"], "{\"email\":\"***\"}");
+    assert!(result["elapsed_us"].as_u64().unwrap() > 0);
+    let (ok, out, _) = cli(s(&[
+        "plugin",
+        "test",
+        &plugin("infinite-loop").display().to_string(),
+        "--event",
+        &ev,
+        "--deadline",
+        "20ms",
+        "--json",
+    ]))
+    .await;
+    assert!(!ok);
+    assert!(out.contains("ran past its deadline of 20ms"), "{out}");
+
+    let (ok, out, err) = cli(s(&["plugin", "inspect", &redact])).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("exports:\n  handle") && out.contains("implemented"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(s(&[
+        "plugin",
+        "inspect",
+        &plugin("wrong-world").display().to_string(),
+    ]))
+    .await;
+    assert!(
+        !ok && out.contains("greet") && out.contains("NOT implemented"),
+        "{out}"
+    );
+
+    // The scaffold builds as is and works.
+    let (ok, out, err) = cli(s(&[
+        "plugin",
+        "new",
+        "my-tagger",
+        "--dir",
+        &dir.path().display().to_string(),
+    ]))
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("created"), "{out}");
+    let crate_dir = dir.path().join("my-tagger");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let shared_target = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins/target");
+    let built = tokio::process::Command::new(cargo)
+        .args(["build", "--release", "--target", "wasm32-wasip2"])
+        .current_dir(&crate_dir)
+        .env("CARGO_TARGET_DIR", &shared_target)
+        .env_remove("RUSTFLAGS")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let wasm = shared_target
+        .join("wasm32-wasip2/release/my_tagger.wasm")
+        .display()
+        .to_string();
+    let (ok, out, err) = cli(s(&[
+        "plugin",
+        "test",
+        &wasm,
+        "--event",
+        &ev,
+        "--config",
+        "tag=hello",
+        "--json",
+    ]))
+    .await;
+    assert!(ok, "{err}");
+    let result: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(result["message"]["payload"]["tagged_by"], "hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiled_plugins_are_cached_on_disk_and_a_bad_cache_entry_is_ignored() {
+    use wasmhook::plugin::{EngineSettings, FailurePolicy, Limits, PluginEngine};
+    let cache = tempfile::tempdir().unwrap();
+    let settings = EngineSettings {
+        cache_dir: Some(cache.path().to_path_buf()),
+        max_instances: 4,
+        max_memory: 32 << 20,
+        fuel: false,
+    };
+    let limits = Limits {
+        deadline: Duration::from_millis(50),
+        fuel: None,
+        max_memory: 32 << 20,
+        max_output: 1 << 20,
+    };
+    let cached = || {
+        std::fs::read_dir(cache.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+            .collect::<Vec<_>>()
+    };
+
+    let engine = PluginEngine::new(&settings).unwrap();
+    let first = engine
+        .load(
+            "redact",
+            &plugin("redact"),
+            limits.clone(),
+            FailurePolicy::Fail,
+        )
+        .unwrap();
+    let files = cached();
+    assert_eq!(files.len(), 1);
+    assert!(
+        files[0]
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with(&first.hash),
+        "keyed by the component's hash"
+    );
+    let written = std::fs::metadata(&files[0]).unwrap().modified().unwrap();
+
+    // A restart (a new engine) loads the artifact instead of compiling.
+    let engine = PluginEngine::new(&settings).unwrap();
+    engine
+        .load(
+            "redact",
+            &plugin("redact"),
+            limits.clone(),
+            FailurePolicy::Fail,
+        )
+        .unwrap();
+    assert_eq!(cached(), files);
+    assert_eq!(
+        std::fs::metadata(&files[0]).unwrap().modified().unwrap(),
+        written,
+        "not rewritten"
+    );
+
+    // A corrupt artifact is ignored and replaced.
+    std::fs::write(&files[0], b"not a compiled component").unwrap();
+    let p = engine
+        .load("redact", &plugin("redact"), limits, FailurePolicy::Fail)
+        .unwrap();
+    assert_eq!(p.hash, first.hash);
+    assert!(std::fs::metadata(&files[0]).unwrap().len() > 1000);
+}
