@@ -1,18 +1,19 @@
 //! `serve`: builds the queue from the settings and runs the ingest, the
-//! worker, or both, until shutdown.
+//! worker, or both, until shutdown; reloads apps and plugins on SIGHUP.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::Settings;
 use crate::ingest::{self, Ingest};
-use crate::pipeline::Pipeline;
+use crate::plugin::{self, PluginEngine, Registry};
 use crate::queue::{MemoryQueue, Queue, RedisQueue};
-use crate::worker;
+use crate::worker::{self, Tenants};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -45,6 +46,21 @@ pub async fn serve(
     listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    serve_with_reload(settings, mode, listener, shutdown, None).await
+}
+
+/// As [`serve`]; with a config file, SIGHUP reloads it: apps, endpoints and
+/// plugins are swapped in atomically (jobs in flight finish with what they
+/// started with). A config that does not load, or a plugin that does not,
+/// is rejected with its reason and the running one stays. Queue, Redis and
+/// server settings need a restart.
+pub async fn serve_with_reload(
+    settings: Settings,
+    mode: Mode,
+    listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+    config_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
     let queue = open_queue(&settings)?;
     if !queue.is_durable() {
@@ -60,9 +76,9 @@ pub async fn serve(
 
     // Plugins load (or fail with the file and reason) before any job is taken.
     let (pipeline, registry) = if mode == Mode::Server {
-        (Pipeline::default(), None)
+        (Default::default(), None)
     } else {
-        crate::plugin::build_pipeline(&settings)?
+        plugin::build_pipeline(&settings)?
     };
     if let Some(registry) = &registry {
         registry
@@ -71,6 +87,7 @@ pub async fn serve(
     }
 
     let mut tasks = tokio::task::JoinSet::new();
+    let mut ingest_state = None;
     if mode != Mode::Worker {
         let listener = match listener {
             Some(l) => l,
@@ -79,24 +96,38 @@ pub async fn serve(
                 .with_context(|| format!("binding the ingest to {}", settings.server.listen))?,
         };
         info!(address = %listener.local_addr()?, "ingest listening");
-        let app = ingest::router(Arc::new(Ingest {
+        let state = Arc::new(Ingest {
             queue: queue.clone(),
-            apps: settings.apps.clone(),
+            apps: settings.apps.clone().into(),
             queues: settings.queues.clone(),
             server: settings.server.clone(),
-        }));
+        });
+        ingest_state = Some(state.clone());
         let stop = shutdown.clone();
         tasks.spawn(async move {
-            axum::serve(listener, app)
+            axum::serve(listener, ingest::router(state))
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await
                 .context("ingest server failed")
         });
     }
+    let mut worker_ctx = None;
     if mode != Mode::Server {
         let ctx = Arc::new(worker::Context::new(&settings, queue.clone(), pipeline)?);
+        worker_ctx = Some(ctx.clone());
         tasks.spawn(worker::run(settings.clone(), ctx, shutdown.clone()));
     }
+    if let Some(path) = config_file {
+        let reloader = Reloader {
+            path,
+            registry,
+            worker: worker_ctx,
+            ingest: ingest_state,
+            shutdown: shutdown.clone(),
+        };
+        tokio::spawn(reloader.run());
+    }
+
     let mut result = Ok(());
     while let Some(done) = tasks.join_next().await {
         let outcome = done.context("a service task panicked").and_then(|r| r);
@@ -109,6 +140,95 @@ pub async fn serve(
         }
     }
     result
+}
+
+struct Reloader {
+    path: PathBuf,
+    registry: Option<Arc<Registry>>,
+    worker: Option<Arc<worker::Context>>,
+    ingest: Option<Arc<Ingest>>,
+    shutdown: CancellationToken,
+}
+
+impl Reloader {
+    #[cfg(unix)]
+    async fn run(mut self) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            warn!("cannot listen for SIGHUP; config reload is off");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                got = hup.recv() => if got.is_none() { return },
+            }
+            info!(file = %self.path.display(), "SIGHUP: reloading the config");
+            let path = self.path.clone();
+            let registry = self.registry.clone();
+            let loaded = tokio::task::spawn_blocking(move || reload(&path, registry)).await;
+            match loaded {
+                Ok(Ok((settings, tenants, registry))) => {
+                    if let Some(r) = &registry
+                        && self.registry.is_none()
+                    {
+                        r.clone()
+                            .watch(settings.watch_interval, self.shutdown.clone());
+                    }
+                    self.registry = registry;
+                    if let Some(ingest) = &self.ingest {
+                        *ingest.apps.write().unwrap_or_else(|p| p.into_inner()) =
+                            settings.apps.clone();
+                    }
+                    if let Some(worker) = &self.worker {
+                        worker.replace_tenants(tenants);
+                    }
+                    info!(
+                        apps = settings.apps.len(),
+                        plugins = settings.plugins.len(),
+                        "config reloaded"
+                    );
+                }
+                Ok(Err(e)) => error!(
+                    error = format!("{e:#}"),
+                    "config reload rejected; the running config stays"
+                ),
+                Err(e) => error!(error = %e, "config reload failed"),
+            }
+        }
+    }
+
+    #[cfg(not(unix))]
+    async fn run(self) {}
+}
+
+/// Loads the file and every plugin it names; nothing is swapped unless all of
+/// it loads.
+fn reload(
+    path: &std::path::Path,
+    registry: Option<Arc<Registry>>,
+) -> anyhow::Result<(Settings, Tenants, Option<Arc<Registry>>)> {
+    let settings = crate::config::load(Some(path))?;
+    let registry = match registry {
+        Some(r) => {
+            r.replace(&settings.plugins)?;
+            Some(r)
+        }
+        None if settings.plugins.is_empty() => None,
+        None => Some(Registry::load(
+            PluginEngine::new(&settings.wasm)?,
+            &settings.plugins,
+        )?),
+    };
+    let pipeline = registry
+        .as_ref()
+        .map(|r| plugin::chains(&settings, r))
+        .unwrap_or_default();
+    let tenants = Tenants {
+        apps: settings.apps.clone(),
+        pipeline,
+    };
+    Ok((settings, tenants, registry))
 }
 
 /// Cancels the token on SIGTERM or Ctrl-C.

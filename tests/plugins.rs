@@ -344,6 +344,10 @@ async fn each_failure_follows_its_plugins_policy() {
     );
 
     let q = queue(&text);
+    eventually("the skip counted", WAIT, async || {
+        (q.stats("client_event").await.unwrap().get("plugin_skipped") == Some(&1)).then_some(())
+    })
+    .await;
     let reason_of = async |queue: &str| -> String {
         let l = eventually(queue, WAIT, async || {
             let l = q.dead_letters(queue, 10).await.unwrap();
@@ -733,4 +737,53 @@ async fn compiled_plugins_are_cached_on_disk_and_a_bad_cache_entry_is_ignored() 
         .unwrap();
     assert_eq!(p.hash, first.hash);
     assert!(std::fs::metadata(&files[0]).unwrap().len() > 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_apps_and_plugins_and_rejects_a_bad_config() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let ingest = format!("http://{listen}");
+    let make = |value: &str, plugin_file: &std::path::Path| {
+        let chain = format!("[{{ plugin = \"tag\", config = {{ field = \"version\", value = \"{value}\" }} }}]");
+        config(Some(&redis.url), &prefix("sighup"), &listen, &app_with_chain("app-1", &chain, &pusher_endpoint(&rx.url("hook"))))
+            + &wasm_section("")
+            + &plugin_def("tag", plugin_file, "")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &make("one", &plugin("add-field")));
+    let mut serve = spawn_serve(&path, "all");
+    eventually("ingest up", WAIT, async || reqwest::Client::new().get(format!("{ingest}/readyz")).send().await.ok().filter(|r| r.status().is_success()).map(|_| ())).await;
+
+    let version = async |n: usize, channel: &str| -> Value {
+        send(&ingest, "app-1", json!({"name": "client_event", "channel": channel})).await;
+        let got = rx.wait_for("hook", n, WAIT).await;
+        event_of(got.iter().find(|r| event_of(r)["channel"] == channel).expect("delivered"))["version"].clone()
+    };
+    assert_eq!(version(1, "a").await, "one");
+
+    std::fs::write(&path, make("two", &plugin("add-field"))).unwrap();
+    signal(&serve, libc::SIGHUP);
+    let two = eventually("the reload applied", WAIT, async || {
+        let n = rx.received("hook").len() + 1;
+        let v = version(n, &format!("probe-{n}")).await;
+        (v == "two").then_some(v)
+    })
+    .await;
+    assert_eq!(two, "two");
+
+    // A config with an unknown key, then one whose plugin is of the wrong
+    // world: both are refused, the process stays up with "two".
+    std::fs::write(&path, make("three", &plugin("add-field")) + "\n[redis2]\nx = 1\n").unwrap();
+    signal(&serve, libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    std::fs::write(&path, make("four", &plugin("wrong-world"))).unwrap();
+    signal(&serve, libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let n = rx.received("hook").len() + 1;
+    assert_eq!(version(n, "after-bad").await, "two");
+    assert!(serve.try_wait().unwrap().is_none(), "still running");
+    signal(&serve, libc::SIGTERM);
+    assert!(serve.wait().await.unwrap().success());
 }

@@ -193,7 +193,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve { mode, .. } => {
             let shutdown = CancellationToken::new();
             service::shutdown_on_signals(shutdown.clone());
-            service::serve(settings, mode, None, shutdown).await
+            service::serve_with_reload(settings, mode, None, shutdown, file).await
         }
         Command::Send { args, .. } => send(&settings, args).await,
         Command::Dlq { command, .. } => dlq(&settings, command).await,

@@ -147,6 +147,7 @@ fn test(
     let elapsed_us = called.elapsed.as_micros() as u64;
     let result = match &called.decision {
         Ok(Decision::Keep) => json!({"decision": "keep"}),
+        Ok(Decision::Skipped(reason)) => json!({"decision": "skipped", "reason": reason}),
         Ok(Decision::Drop(reason)) => json!({"decision": "drop", "reason": reason}),
         Ok(Decision::Transform(m)) => json!({"decision": "transform", "message": message_json(m)}),
         Ok(Decision::Route(targets)) => json!({

@@ -19,11 +19,17 @@ pub(super) async fn receive(
 ) -> &'static str {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let verified = match (header(pusher::KEY_HEADER), header(pusher::SIGNATURE_HEADER)) {
-        (Some(key), Some(signature)) => state.apps.iter().filter(|a| a.key == key).any(|a| {
-            a.secrets
-                .iter()
-                .any(|s| pusher::signature(s.expose().as_bytes(), &body) == signature)
-        }),
+        (Some(key), Some(signature)) => state
+            .apps
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|a| a.key == key)
+            .any(|a| {
+                a.secrets
+                    .iter()
+                    .any(|s| pusher::signature(s.expose().as_bytes(), &body) == signature)
+            }),
         _ => false,
     };
     let shown = String::from_utf8_lossy(&body[..body.len().min(2048)]).into_owned();

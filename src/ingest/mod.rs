@@ -35,7 +35,8 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 pub struct Ingest {
     pub queue: Queue,
-    pub apps: Apps,
+    /// Replaced whole on a config reload.
+    pub apps: std::sync::RwLock<Apps>,
     pub queues: QueueSettings,
     pub server: ServerSettings,
 }
@@ -85,7 +86,13 @@ async fn accept(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, IngestError> {
-    let app = state.apps.get(app_id).ok_or(IngestError::UnknownApp)?;
+    let app = state
+        .apps
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(app_id)
+        .cloned()
+        .ok_or(IngestError::UnknownApp)?;
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

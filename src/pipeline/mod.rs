@@ -24,6 +24,9 @@ pub enum Decision {
     /// Exactly these endpoints, each optionally with its own event. Overrides
     /// the endpoints' subscriptions. App-level chain only.
     Route(Vec<RouteTarget>),
+    /// The stage failed and its failure policy passes the event on
+    /// unchanged; the reason is logged and the skip counted.
+    Skipped(String),
 }
 
 /// A modified event, with headers to add to its request and metadata for the
@@ -121,28 +124,32 @@ impl Pipeline {
     }
 
     /// Runs the endpoint's chain over a job aimed at it (on every attempt).
+    /// Also returns how many stages were skipped by their failure policy.
     pub fn prepare(
         &self,
         app: &App,
         endpoint: &Endpoint,
         job: Job,
-    ) -> Result<Prepared, StageError> {
+    ) -> Result<(Prepared, u32), StageError> {
         let Some(chain) = self
             .endpoint_chains
             .get(&(app.id.clone(), endpoint.id.clone()))
         else {
-            return Ok(Prepared::Deliver(job));
+            return Ok((Prepared::Deliver(job), 0));
         };
         let mut job = job;
+        let mut skipped = 0;
         for stage in chain {
             match stage.decide(&job)? {
                 Decision::Keep => {}
+                Decision::Skipped(_) => skipped += 1,
                 Decision::Transform(message) => message.apply(&mut job),
                 Decision::Drop(reason) => {
-                    return Ok(Prepared::Dropped {
+                    let dropped = Prepared::Dropped {
                         stage: stage.name().to_string(),
                         reason,
-                    });
+                    };
+                    return Ok((dropped, skipped));
                 }
                 Decision::Route(_) => {
                     return Err(StageError {
@@ -152,28 +159,27 @@ impl Pipeline {
                 }
             }
         }
-        Ok(Prepared::Deliver(job))
+        Ok((Prepared::Deliver(job), skipped))
     }
 
-    /// Runs the app's chain over a new event and picks its endpoints.
-    pub fn route(&self, app: &App, job: &Job) -> Result<Routing, StageError> {
+    /// Runs the app's chain over a new event and picks its endpoints. Also
+    /// returns how many stages were skipped by their failure policy.
+    pub fn route(&self, app: &App, job: &Job) -> Result<(Routing, u32), StageError> {
         let mut job = job.clone();
         let mut routed: Option<Vec<RouteTarget>> = None;
+        let mut skipped = 0;
         for stage in self.chains.get(&app.id).into_iter().flatten() {
+            let dropped = |reason: String| Routing::Dropped {
+                stage: stage.name().to_string(),
+                reason,
+            };
             match stage.decide(&job)? {
                 Decision::Keep => {}
+                Decision::Skipped(_) => skipped += 1,
                 Decision::Transform(message) => message.apply(&mut job),
-                Decision::Drop(reason) => {
-                    return Ok(Routing::Dropped {
-                        stage: stage.name().to_string(),
-                        reason,
-                    });
-                }
+                Decision::Drop(reason) => return Ok((dropped(reason), skipped)),
                 Decision::Route(targets) if targets.is_empty() => {
-                    return Ok(Routing::Dropped {
-                        stage: stage.name().to_string(),
-                        reason: "routed to no endpoint".into(),
-                    });
+                    return Ok((dropped("routed to no endpoint".into()), skipped));
                 }
                 Decision::Route(targets) => routed = Some(targets),
             }
@@ -201,7 +207,7 @@ impl Pipeline {
                 out
             }
         };
-        Ok(Routing::Deliver(deliveries))
+        Ok((Routing::Deliver(deliveries), skipped))
     }
 }
 
@@ -272,11 +278,14 @@ mod tests {
         let p = Pipeline::default();
         let app = app();
         assert_eq!(
-            ids(&p.route(&app, &job("channel_occupied", "public-x")).unwrap()),
+            ids(&p
+                .route(&app, &job("channel_occupied", "public-x"))
+                .unwrap()
+                .0),
             ["all", "occupied"]
         );
         assert_eq!(
-            ids(&p.route(&app, &job("member_added", "private-x")).unwrap()),
+            ids(&p.route(&app, &job("member_added", "private-x")).unwrap().0),
             ["all", "private"]
         );
     }
@@ -302,7 +311,7 @@ mod tests {
     #[test]
     fn a_drop_stops_the_chain() {
         let p = with(vec![Decision::Drop("no".into()), Decision::Route(vec![])]);
-        match p.route(&app(), &job("x", "c")).unwrap() {
+        match p.route(&app(), &job("x", "c")).unwrap().0 {
             Routing::Dropped { reason, .. } => assert_eq!(reason, "no"),
             other => panic!("{other:?}"),
         }
@@ -321,7 +330,7 @@ mod tests {
                 message: None,
             },
         ])]);
-        let r = p.route(&app(), &job("member_added", "public-x")).unwrap();
+        let r = p.route(&app(), &job("member_added", "public-x")).unwrap().0;
         assert_eq!(ids(&r), ["occupied", "private"]);
         let Routing::Deliver(d) = r else {
             unreachable!()
@@ -338,8 +347,22 @@ mod tests {
             Decision::Transform(Message::event(changed.clone())),
             Decision::Keep,
         ]);
-        let r = p.route(&app(), &job("member_added", "public-x")).unwrap();
+        let r = p.route(&app(), &job("member_added", "public-x")).unwrap().0;
         assert_eq!(ids(&r), ["all", "occupied", "private"]);
+    }
+
+    #[test]
+    fn skipped_stages_pass_the_event_on_and_are_counted() {
+        let p = with(vec![
+            Decision::Skipped("trapped".into()),
+            Decision::Keep,
+            Decision::Skipped("x".into()),
+        ]);
+        let (r, skipped) = p
+            .route(&app(), &job("channel_occupied", "public-x"))
+            .unwrap();
+        assert_eq!(skipped, 2);
+        assert_eq!(ids(&r), ["all", "occupied"]);
     }
 
     #[test]

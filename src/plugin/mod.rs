@@ -112,6 +112,34 @@ pub struct PluginEngine {
     linker: Arc<Linker<State>>,
     cache_dir: Option<PathBuf>,
     fuel: bool,
+    slots: Arc<Slots>,
+}
+
+/// Admission to the instance pool: a call waits for a free slot rather than
+/// failing when every pooled instance is in use.
+struct Slots {
+    free: std::sync::Mutex<u32>,
+    freed: std::sync::Condvar,
+}
+
+impl Slots {
+    fn take(self: &Arc<Self>) -> SlotGuard {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+        *free -= 1;
+        SlotGuard(self.clone())
+    }
+}
+
+struct SlotGuard(Arc<Slots>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 impl PluginEngine {
@@ -149,6 +177,10 @@ impl PluginEngine {
             linker: Arc::new(linker),
             cache_dir: settings.cache_dir.clone(),
             fuel: settings.fuel,
+            slots: Arc::new(Slots {
+                free: std::sync::Mutex::new(n),
+                freed: std::sync::Condvar::new(),
+            }),
         })
     }
 
@@ -202,6 +234,7 @@ impl PluginEngine {
             },
             policy,
             engine: self.engine.clone(),
+            slots: self.slots.clone(),
         })
     }
 
@@ -231,6 +264,7 @@ pub struct Plugin {
     pub limits: Limits,
     pub policy: FailurePolicy,
     engine: Engine,
+    slots: Arc<Slots>,
 }
 
 /// The event as a plugin sees it.
@@ -269,6 +303,8 @@ impl Plugin {
     }
 
     fn call_here(&self, input: &PluginInput<'_>, config: &[(String, String)]) -> Called {
+        // The deadline starts once an instance slot is ours.
+        let _slot = self.slots.take();
         let started = Instant::now();
         let (state, stderr) = State::new(self.name.clone(), input.app_id, self.limits.max_memory);
         let mut store = Store::new(&self.engine, state);
@@ -417,22 +453,26 @@ fn message(m: wit::Message) -> Result<Message, PluginFailure> {
 }
 
 /// Loads every configured plugin and builds the app and endpoint chains.
+/// No registry (and no engine) when no plugin is configured.
 pub fn build_pipeline(
     settings: &crate::config::Settings,
 ) -> anyhow::Result<(crate::pipeline::Pipeline, Option<Arc<Registry>>)> {
+    if settings.plugins.is_empty() {
+        return Ok((crate::pipeline::Pipeline::default(), None));
+    }
+    let registry = Registry::load(PluginEngine::new(&settings.wasm)?, &settings.plugins)?;
+    Ok((chains(settings, &registry), Some(registry)))
+}
+
+/// The app and endpoint chains of `settings`, calling plugins of `registry`.
+pub fn chains(
+    settings: &crate::config::Settings,
+    registry: &Arc<Registry>,
+) -> crate::pipeline::Pipeline {
     use std::collections::HashMap;
 
     use crate::pipeline::{Chain, Pipeline};
 
-    let used = settings
-        .apps
-        .iter()
-        .any(|a| !a.plugins.is_empty() || a.endpoints.iter().any(|e| !e.plugins.is_empty()));
-    if settings.plugins.is_empty() && !used {
-        return Ok((Pipeline::default(), None));
-    }
-    let engine = PluginEngine::new(&settings.wasm)?;
-    let registry = Registry::load(engine, &settings.plugins)?;
     let chain = |refs: &[crate::app::PluginRef]| -> Chain {
         refs.iter()
             .map(|r| {
@@ -456,5 +496,5 @@ pub fn build_pipeline(
             }
         }
     }
-    Ok((Pipeline::new(apps, endpoints), Some(registry)))
+    Pipeline::new(apps, endpoints)
 }

@@ -55,6 +55,8 @@ pub enum Stat {
     Dropped,
     FannedOut,
     Unrouted,
+    /// A plugin failed and its policy passed the event on unchanged.
+    PluginSkipped,
 }
 
 impl Stat {
@@ -66,6 +68,7 @@ impl Stat {
             Stat::Dropped => "dropped",
             Stat::FannedOut => "fanned_out",
             Stat::Unrouted => "unrouted",
+            Stat::PluginSkipped => "plugin_skipped",
         }
     }
 }

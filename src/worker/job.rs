@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::Context;
+use super::{Context, Tenants};
 use crate::app::{App, Endpoint};
 use crate::delivery::{AttemptResult, Failure, FailureKind};
 use crate::event::{Attempt, Job, now_ms};
@@ -48,14 +48,15 @@ pub(super) async fn process(ctx: &Context, queue: &str, entry: Entry) -> Complet
 }
 
 async fn run(ctx: &Context, queue: &str, job: Job) -> Vec<Effect> {
-    let Some(app) = ctx.apps.get(&job.app_id).cloned() else {
+    let tenants = ctx.tenants();
+    let Some(app) = tenants.apps.get(&job.app_id).cloned() else {
         warn!("job for an unknown app dead-lettered");
         let reason = format!("unknown app {:?}", job.app_id);
         return dead(queue, job, reason);
     };
     match job.endpoint.clone() {
         Some(endpoint_id) => match app.endpoint(&endpoint_id) {
-            Some(endpoint) => deliver(ctx, queue, &app, endpoint.clone(), job).await,
+            Some(endpoint) => deliver(ctx, &tenants, queue, &app, endpoint.clone(), job).await,
             None => {
                 warn!("job for an endpoint no longer configured dead-lettered");
                 dead(
@@ -68,43 +69,12 @@ async fn run(ctx: &Context, queue: &str, job: Job) -> Vec<Effect> {
                 )
             }
         },
-        None => match ctx.pipeline.route(&app, &job) {
-            Ok(Routing::Dropped { stage, reason }) => {
-                info!(
-                    stage,
-                    reason,
-                    outcome = "dropped",
-                    "event dropped by the pipeline"
-                );
-                vec![Effect::Count(Stat::Dropped)]
+        None => match tenants.pipeline.route(&app, &job) {
+            Ok((routing, skipped)) => {
+                let mut effects = routed(ctx, &tenants, queue, &app, &job, routing).await;
+                effects.extend((0..skipped).map(|_| Effect::Count(Stat::PluginSkipped)));
+                effects
             }
-            Ok(Routing::Deliver(mut targets)) => match targets.len() {
-                0 => {
-                    debug!(
-                        event_type = job.event.name,
-                        outcome = "unrouted",
-                        "no endpoint subscribes to this event"
-                    );
-                    vec![Effect::Count(Stat::Unrouted)]
-                }
-                1 => {
-                    let (endpoint, aimed) = targets.pop().expect("one target");
-                    deliver(ctx, queue, &app, endpoint, aimed).await
-                }
-                n => {
-                    debug!(
-                        endpoints = n,
-                        outcome = "fanned_out",
-                        "event fanned out to its endpoints"
-                    );
-                    let mut effects: Vec<Effect> = targets
-                        .into_iter()
-                        .map(|(_, aimed)| Effect::Enqueue(aimed))
-                        .collect();
-                    effects.push(Effect::Count(Stat::FannedOut));
-                    effects
-                }
-            },
             Err(e) => {
                 let failure = Failure {
                     kind: FailureKind::Retryable,
@@ -120,8 +90,59 @@ async fn run(ctx: &Context, queue: &str, job: Job) -> Vec<Effect> {
     }
 }
 
+/// What a routed new event comes to: dropped, unrouted, delivered inline to
+/// its one endpoint, or fanned out into one job per endpoint.
+async fn routed(
+    ctx: &Context,
+    tenants: &Tenants,
+    queue: &str,
+    app: &App,
+    job: &Job,
+    routing: Routing,
+) -> Vec<Effect> {
+    match routing {
+        Routing::Dropped { stage, reason } => {
+            info!(
+                stage,
+                reason,
+                outcome = "dropped",
+                "event dropped by the pipeline"
+            );
+            vec![Effect::Count(Stat::Dropped)]
+        }
+        Routing::Deliver(mut targets) => match targets.len() {
+            0 => {
+                debug!(
+                    event_type = job.event.name,
+                    outcome = "unrouted",
+                    "no endpoint subscribes to this event"
+                );
+                vec![Effect::Count(Stat::Unrouted)]
+            }
+            1 => {
+                let (endpoint, aimed) = targets.pop().expect("one target");
+                deliver(ctx, tenants, queue, app, endpoint, aimed).await
+            }
+            n => {
+                debug!(
+                    endpoints = n,
+                    outcome = "fanned_out",
+                    "event fanned out to its endpoints"
+                );
+                let mut effects: Vec<Effect> = targets
+                    .into_iter()
+                    .map(|(_, aimed)| Effect::Enqueue(aimed))
+                    .collect();
+                effects.push(Effect::Count(Stat::FannedOut));
+                effects
+            }
+        },
+    }
+}
+
 async fn deliver(
     ctx: &Context,
+    tenants: &Tenants,
     queue: &str,
     app: &App,
     endpoint: Arc<Endpoint>,
@@ -145,9 +166,9 @@ async fn deliver(
         job.endpoint = Some(endpoint.id.clone());
         // The endpoint's chain runs on every attempt; its output is what is
         // signed and sent, while a retry keeps the job as it was before it.
-        let prepared = match ctx.pipeline.prepare(app, &endpoint, job.clone()) {
-            Ok(Prepared::Deliver(prepared)) => prepared,
-            Ok(Prepared::Dropped { stage, reason }) => {
+        let (prepared, skipped) = match tenants.pipeline.prepare(app, &endpoint, job.clone()) {
+            Ok((Prepared::Deliver(prepared), skipped)) => (prepared, skipped),
+            Ok((Prepared::Dropped { stage, reason }, _)) => {
                 info!(
                     stage,
                     reason,
@@ -171,7 +192,7 @@ async fn deliver(
         let request = signing::sign(app, &endpoint, &prepared, (now / 1000) as i64);
         let result = ctx.deliverer.send(request, endpoint.timeout).await;
         let elapsed_ms = now_ms().saturating_sub(now);
-        match result {
+        let mut effects = match result {
             AttemptResult::Delivered { status } => {
                 info!(status, elapsed_ms, outcome = "delivered", "delivered");
                 vec![Effect::Count(Stat::Delivered)]
@@ -182,7 +203,9 @@ async fn deliver(
                 }
                 failed(queue, &endpoint.retry, job, attempt, failure)
             }
-        }
+        };
+        effects.extend((0..skipped).map(|_| Effect::Count(Stat::PluginSkipped)));
+        effects
     }
     .instrument(span)
     .await

@@ -32,11 +32,18 @@ const READ_BLOCK: Duration = Duration::from_millis(500);
 /// have scheduled one).
 const MOVER_NAP: Duration = Duration::from_millis(250);
 
+/// The apps a worker serves and their plugin chains.
+pub struct Tenants {
+    pub apps: Apps,
+    pub pipeline: Pipeline,
+}
+
 /// What every job task needs, shared.
 pub struct Context {
     pub queue: Queue,
-    pub apps: Apps,
-    pub pipeline: Pipeline,
+    /// Apps and their chains; replaced whole on a config reload, while jobs
+    /// in flight finish with the version they started with.
+    tenants: RwLock<Arc<Tenants>>,
     pub deliverer: Deliverer,
     pub retry: crate::delivery::retry::RetryPolicy,
     /// `app/endpoint` of endpoints that answered 410 Gone.
@@ -47,12 +54,26 @@ impl Context {
     pub fn new(settings: &Settings, queue: Queue, pipeline: Pipeline) -> anyhow::Result<Self> {
         Ok(Context {
             queue,
-            apps: settings.apps.clone(),
-            pipeline,
+            tenants: RwLock::new(Arc::new(Tenants {
+                apps: settings.apps.clone(),
+                pipeline,
+            })),
             deliverer: Deliverer::new(settings.delivery.max_response_bytes)?,
             retry: settings.retry.clone(),
             gone: RwLock::default(),
         })
+    }
+
+    pub fn tenants(&self) -> Arc<Tenants> {
+        self.tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Swaps in new apps and chains (config reload).
+    pub fn replace_tenants(&self, tenants: Tenants) {
+        *self.tenants.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tenants);
     }
 
     fn marked_gone(&self, app: &str, endpoint: &str) -> bool {
