@@ -143,11 +143,7 @@ async fn retries_run_out_into_the_dead_letter_queue_with_every_attempt() {
     .await;
 
     let q = queue(&text);
-    let letters = eventually("dead letter", WAIT, async || {
-        let l = q.dead_letters("member_added", 10).await.unwrap();
-        (!l.is_empty()).then_some(l)
-    })
-    .await;
+    let letters = dead_letters(&q, "member_added", 1).await;
     assert_eq!(
         rx.received("down").len(),
         3,
@@ -193,11 +189,7 @@ async fn a_400_is_dead_lettered_at_once_and_replay_delivers_it_with_the_same_id(
     .await;
 
     let q = queue(&text);
-    let letters = eventually("dead letter", WAIT, async || {
-        let l = q.dead_letters("client_event", 10).await.unwrap();
-        (!l.is_empty()).then_some(l)
-    })
-    .await;
+    let letters = dead_letters(&q, "client_event", 1).await;
     assert_eq!(
         letters[0].1.attempts, 1,
         "a permanent failure is not retried"
@@ -388,11 +380,7 @@ async fn retry_after_is_honoured_and_410_stops_an_endpoint() {
     )
     .await;
     let q = queue(&text);
-    let letters = eventually("two dead letters", WAIT, async || {
-        let l = q.dead_letters("cache_miss", 10).await.unwrap();
-        (l.len() == 2).then_some(l)
-    })
-    .await;
+    let letters = dead_letters(&q, "cache_miss", 2).await;
     let gone = letters
         .iter()
         .find(|(_, l)| l.reason.starts_with("endpoint is gone"))
@@ -464,11 +452,7 @@ async fn a_malformed_queue_entry_is_dead_lettered_and_the_next_job_still_flows()
     verify_pusher(&got[0], "app-1-key", APP_SECRET);
     assert_eq!(got[0].json()["events"][0]["channel"], "private-a");
     let q = queue(&text);
-    let letters = eventually("three dead letters", WAIT, async || {
-        let l = q.dead_letters("client_event", 10).await.unwrap();
-        (l.len() == 3).then_some(l)
-    })
-    .await;
+    let letters = dead_letters(&q, "client_event", 3).await;
     // Jobs run concurrently: the letters may be in any order.
     let find = |prefix: &str| {
         letters
@@ -575,11 +559,7 @@ async fn a_job_for_an_endpoint_removed_from_the_config_is_dead_lettered() {
     job.endpoint = Some("ep_removed".into());
     q.enqueue(&[("client_event".into(), job)]).await.unwrap();
     let wh = Running::start(&text, Mode::Worker).await;
-    let letters = eventually("dead letter", WAIT, async || {
-        let l = q.dead_letters("client_event", 10).await.unwrap();
-        (!l.is_empty()).then_some(l)
-    })
-    .await;
+    let letters = dead_letters(&q, "client_event", 1).await;
     assert!(
         letters[0].1.reason.contains("no longer configured"),
         "{}",

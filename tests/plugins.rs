@@ -266,11 +266,7 @@ async fn a_runaway_plugin_is_cut_off_while_other_apps_keep_delivering() {
     rx.wait_for("calm", 20, WAIT).await;
 
     let q = queue(&text);
-    let letters = eventually("the looping job dead-lettered", WAIT, async || {
-        let l = q.dead_letters("client_event", 10).await.unwrap();
-        (!l.is_empty()).then_some(l)
-    })
-    .await;
+    let letters = dead_letters(&q, "client_event", 1).await;
     let letter = &letters[0].1;
     assert_eq!(
         letter.attempts, 3,
@@ -308,8 +304,12 @@ async fn each_failure_follows_its_plugins_policy() {
     .collect::<String>();
     let text = config(Some(&redis.url), &prefix("policies"), "127.0.0.1:0", &apps)
         + &wasm_section("")
-        + &plugin_def("hog", &plugin("memory-hog"), "max_memory = 16777216")
-        + &plugin_def("big", &plugin("oversized-output"), "")
+        + &plugin_def(
+            "hog",
+            &plugin("memory-hog"),
+            "max_memory = 16777216\ndeadline = \"5s\"",
+        )
+        + &plugin_def("big", &plugin("oversized-output"), "deadline = \"5s\"")
         + &plugin_def("trap-skip", &plugin("trap"), "on_failure = \"skip\"")
         + &plugin_def(
             "error-drop",
@@ -348,14 +348,8 @@ async fn each_failure_follows_its_plugins_policy() {
         (q.stats("client_event").await.unwrap().get("plugin_skipped") == Some(&1)).then_some(())
     })
     .await;
-    let reason_of = async |queue: &str| -> String {
-        let l = eventually(queue, WAIT, async || {
-            let l = q.dead_letters(queue, 10).await.unwrap();
-            (!l.is_empty()).then_some(l)
-        })
-        .await;
-        l[0].1.reason.clone()
-    };
+    let reason_of =
+        async |queue: &str| -> String { dead_letters(&q, queue, 1).await[0].1.reason.clone() };
     assert!(
         reason_of("cache_miss")
             .await
@@ -422,12 +416,8 @@ async fn a_plugin_only_ever_sees_its_own_apps_events() {
     }
     // App B's chain traps: its events never arrive, and nothing of A or C is affected.
     let q = queue(&text);
-    eventually("B's events dead-lettered", WAIT, async || {
-        let l = q.dead_letters("client_event", 100).await.unwrap();
-        (l.len() == 5).then_some(())
-    })
-    .await;
-    let letters = q.dead_letters("client_event", 100).await.unwrap();
+    let letters = dead_letters(&q, "client_event", 5).await;
+    assert_eq!(letters.len(), 5);
     assert!(
         letters
             .iter()
@@ -746,20 +736,45 @@ async fn sighup_reloads_apps_and_plugins_and_rejects_a_bad_config() {
     let listen = format!("127.0.0.1:{}", free_port());
     let ingest = format!("http://{listen}");
     let make = |value: &str, plugin_file: &std::path::Path| {
-        let chain = format!("[{{ plugin = \"tag\", config = {{ field = \"version\", value = \"{value}\" }} }}]");
-        config(Some(&redis.url), &prefix("sighup"), &listen, &app_with_chain("app-1", &chain, &pusher_endpoint(&rx.url("hook"))))
-            + &wasm_section("")
+        let chain = format!(
+            "[{{ plugin = \"tag\", config = {{ field = \"version\", value = \"{value}\" }} }}]"
+        );
+        config(
+            Some(&redis.url),
+            &prefix("sighup"),
+            &listen,
+            &app_with_chain("app-1", &chain, &pusher_endpoint(&rx.url("hook"))),
+        ) + &wasm_section("")
             + &plugin_def("tag", plugin_file, "")
     };
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(&dir, &make("one", &plugin("add-field")));
     let mut serve = spawn_serve(&path, "all");
-    eventually("ingest up", WAIT, async || reqwest::Client::new().get(format!("{ingest}/readyz")).send().await.ok().filter(|r| r.status().is_success()).map(|_| ())).await;
+    eventually("ingest up", WAIT, async || {
+        reqwest::Client::new()
+            .get(format!("{ingest}/readyz"))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status().is_success())
+            .map(|_| ())
+    })
+    .await;
 
     let version = async |n: usize, channel: &str| -> Value {
-        send(&ingest, "app-1", json!({"name": "client_event", "channel": channel})).await;
+        send(
+            &ingest,
+            "app-1",
+            json!({"name": "client_event", "channel": channel}),
+        )
+        .await;
         let got = rx.wait_for("hook", n, WAIT).await;
-        event_of(got.iter().find(|r| event_of(r)["channel"] == channel).expect("delivered"))["version"].clone()
+        event_of(
+            got.iter()
+                .find(|r| event_of(r)["channel"] == channel)
+                .expect("delivered"),
+        )["version"]
+            .clone()
     };
     assert_eq!(version(1, "a").await, "one");
 
@@ -775,7 +790,11 @@ async fn sighup_reloads_apps_and_plugins_and_rejects_a_bad_config() {
 
     // A config with an unknown key, then one whose plugin is of the wrong
     // world: both are refused, the process stays up with "two".
-    std::fs::write(&path, make("three", &plugin("add-field")) + "\n[redis2]\nx = 1\n").unwrap();
+    std::fs::write(
+        &path,
+        make("three", &plugin("add-field")) + "\n[redis2]\nx = 1\n",
+    )
+    .unwrap();
     signal(&serve, libc::SIGHUP);
     tokio::time::sleep(Duration::from_millis(500)).await;
     std::fs::write(&path, make("four", &plugin("wrong-world"))).unwrap();

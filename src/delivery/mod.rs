@@ -34,6 +34,20 @@ pub struct Failure {
     pub retry_after: Option<Duration>,
 }
 
+impl Failure {
+    /// A failure before any request was made (a plugin stage failed): worth
+    /// retrying on the schedule.
+    pub fn before_sending(message: String) -> Failure {
+        Failure {
+            kind: FailureKind::Retryable,
+            message,
+            status: None,
+            body: None,
+            retry_after: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
     /// 408, 425, 429, 5xx, 3xx, timeouts, connection errors.

@@ -237,7 +237,7 @@ impl Stage for PluginStage {
                     policy = "skip",
                     "plugin failed; event passed on unchanged"
                 );
-                Ok(Decision::Keep)
+                Ok(Decision::Skipped(message))
             }
             FailurePolicy::Drop => {
                 warn!(

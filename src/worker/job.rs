@@ -76,13 +76,7 @@ async fn run(ctx: &Context, queue: &str, job: Job) -> Vec<Effect> {
                 effects
             }
             Err(e) => {
-                let failure = Failure {
-                    kind: FailureKind::Retryable,
-                    message: e.to_string(),
-                    status: None,
-                    body: None,
-                    retry_after: None,
-                };
+                let failure = Failure::before_sending(e.to_string());
                 let attempt = job.attempt + 1;
                 failed(queue, &ctx.retry, job, attempt, failure)
             }
@@ -178,13 +172,7 @@ async fn deliver(
                 return vec![Effect::Count(Stat::Dropped)];
             }
             Err(e) => {
-                let failure = Failure {
-                    kind: FailureKind::Retryable,
-                    message: e.to_string(),
-                    status: None,
-                    body: None,
-                    retry_after: None,
-                };
+                let failure = Failure::before_sending(e.to_string());
                 return failed(queue, &endpoint.retry, job, attempt, failure);
             }
         };

@@ -561,3 +561,20 @@ plugins = {chain}
 "#
     )
 }
+
+/// Waits until `queue` holds at least `n` dead letters, and returns them.
+pub async fn dead_letters(
+    q: &wasmhook::queue::Queue,
+    queue: &str,
+    n: usize,
+) -> Vec<(String, wasmhook::queue::DeadLetter)> {
+    eventually(
+        &format!("{n} dead letter(s) on {queue}"),
+        Duration::from_secs(20),
+        async || {
+            let letters = q.dead_letters(queue, 1000).await.unwrap();
+            (letters.len() >= n).then_some(letters)
+        },
+    )
+    .await
+}
