@@ -8,7 +8,7 @@
 
 mod job;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -31,6 +31,8 @@ const READ_BLOCK: Duration = Duration::from_millis(500);
 /// Longest a mover sleeps without looking for due retries (another worker may
 /// have scheduled one).
 const MOVER_NAP: Duration = Duration::from_millis(250);
+/// How long a stopping worker keeps trying to record outcomes Redis refuses.
+const GIVE_UP_WHEN_STOPPING: Duration = Duration::from_secs(10);
 
 /// The apps a worker serves and their plugin chains.
 pub struct Tenants {
@@ -122,12 +124,12 @@ pub async fn run(
     let consumer = consumer_name();
     info!(consumer, durable = ctx.queue.is_durable(), "worker started");
     let tracker = TaskTracker::new();
-    let mut running: HashMap<String, ()> = HashMap::new();
+    let mut running: HashSet<String> = HashSet::new();
     loop {
         match ctx.queue.queues().await {
             Ok(names) => {
                 for name in names {
-                    if running.contains_key(&name) {
+                    if running.contains(&name) {
                         continue;
                     }
                     if let Err(e) = ctx.queue.prepare(&name).await {
@@ -147,7 +149,7 @@ pub async fn run(
                         "reading queue"
                     );
                     tracker.spawn(lane.run(ctx.clone(), shutdown.clone()));
-                    running.insert(name, ());
+                    running.insert(name);
                 }
             }
             Err(e) => warn!(error = %e, "cannot list queues; will try again"),
@@ -192,6 +194,7 @@ impl Lane {
             lane.name.clone(),
             done_rx,
             scheduled.clone(),
+            shutdown.clone(),
         ));
         let mover = tokio::spawn(move_loop(
             ctx.clone(),
@@ -335,14 +338,25 @@ async fn commit_loop(
     queue: String,
     mut done: mpsc::Receiver<Completion>,
     scheduled: Arc<Notify>,
+    shutdown: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut backoff = Duration::from_millis(50);
     while done.recv_many(&mut batch, BATCH).await > 0 {
+        let mut stopping_since: Option<tokio::time::Instant> = None;
         loop {
             match ctx.queue.commit(&queue, &batch).await {
                 Ok(()) => break,
                 Err(e) => {
+                    // While stopping, give up after a while: the jobs stay
+                    // pending in the queue and another worker redelivers them.
+                    if shutdown.is_cancelled() {
+                        let since = *stopping_since.get_or_insert_with(tokio::time::Instant::now);
+                        if since.elapsed() >= GIVE_UP_WHEN_STOPPING {
+                            error!(queue, jobs = batch.len(), error = %e, "stopping without recording these outcomes; the jobs will be delivered again");
+                            break;
+                        }
+                    }
                     error!(queue, jobs = batch.len(), error = %e, "cannot record outcomes; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
