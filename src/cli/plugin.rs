@@ -78,9 +78,10 @@ pub fn run(settings: &Settings, command: PluginCommand) -> anyhow::Result<()> {
     }
 }
 
+/// An engine like the worker's (same compile cache, so a second run of a
+/// large component does not compile it again).
 fn engine(settings: &Settings) -> anyhow::Result<PluginEngine> {
     let mut wasm = settings.wasm.clone();
-    wasm.cache_dir = None;
     wasm.max_instances = 4;
     PluginEngine::new(&wasm)
 }
