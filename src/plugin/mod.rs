@@ -240,7 +240,7 @@ impl PluginEngine {
 
     /// What a component imports and exports, as text (`plugin inspect`).
     pub fn describe(&self, bytes: &[u8]) -> anyhow::Result<(Vec<String>, Vec<String>)> {
-        let component = Component::from_binary(&self.engine, bytes)?;
+        let (component, _) = cache::compile(&self.engine, self.cache_dir.as_deref(), bytes)?;
         let ty = component.component_type();
         let imports = ty
             .imports(&self.engine)
