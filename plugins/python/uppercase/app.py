@@ -11,7 +11,7 @@ Config (all values are strings, as the host passes them):
 
 Decisions:
 - transform: the payload with the field upper-cased, plus metadata
-  `uppercase.field` = the field name and `uppercase.original` = its old value.
+  `uppercase.field` = the field name for the next plugins of the chain.
 - keep: the field is missing or not a string and `strict` is off.
 - err(plugin-error): the payload is not a JSON object, a config value is
   invalid, or (with `strict=true`) the field is missing or not a string.
@@ -41,6 +41,11 @@ NAME = "uppercase"
 def fail(message: str) -> Err:
     """The WIT `err(plugin-error)`: raise what this returns."""
     return Err(PluginError(message=f"{NAME}: {message}"))
+
+
+def short(text: str, limit: int = 64) -> str:
+    """A value cut for a log line (the host keeps at most 2 KiB a line)."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def config_bool(config: Dict[str, str], key: str, default: bool) -> bool:
@@ -84,14 +89,11 @@ class WitWorld(wit_world.WitWorld):
 
         upper = value.upper()
         payload[field] = upper
-        log.log(log.Level.INFO, f"upper-cased `{field}` of event {event.id}: {value!r} -> {upper!r}")
+        log.log(log.Level.INFO, f"upper-cased `{field}` of event {event.id}: {short(value)} -> {short(upper)}")
         return Decision_Transform(
             Message(
                 payload=json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
                 headers=[],
-                metadata=[
-                    Pair(key=f"{NAME}.field", value=field),
-                    Pair(key=f"{NAME}.original", value=value),
-                ],
+                metadata=[Pair(key=f"{NAME}.field", value=field)],
             )
         )
