@@ -78,6 +78,10 @@ struct Args {
     /// Steady mode: events enqueued per second.
     #[arg(long)]
     rate: Option<u64>,
+    /// Print deliveries and the largest latency for each second of the run
+    /// (built-in sink only).
+    #[arg(long)]
+    timeline: bool,
     /// Log the service at info level to stderr (quiet by default).
     #[arg(long)]
     log: bool,
@@ -104,11 +108,22 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let machine = machine_summary(&args.redis_url).await;
+    let idle_load = box_load(Duration::from_millis(500)).await;
+    if idle_load > 0.10 {
+        eprintln!(
+            "warning: the box is {:.0}% busy before the run starts; other load skews the results",
+            idle_load * 100.0
+        );
+    }
     let outcome = run(&args, &prefix).await;
     let removed = cleanup(&args.redis_url, &prefix).await;
 
     let report = outcome?;
     report.print(&args, &prefix, &machine);
+    println!(
+        "background:  box {:.0}% busy in the 0.5 s before the run",
+        idle_load * 100.0
+    );
     match removed {
         Ok(n) => println!("cleanup:     removed {n} keys matching {prefix}:*"),
         Err(e) => eprintln!("cleanup:     FAILED to remove keys matching {prefix}:*: {e:#}"),
@@ -137,6 +152,8 @@ struct Report {
     first_to_last: Option<Duration>,
     /// Latencies in ms (loopback sink only).
     latency: Option<Histogram<u64>>,
+    /// Per second: deliveries, largest latency in ms (loopback sink only).
+    timeline: Vec<(u64, u64)>,
     stats: std::collections::BTreeMap<String, u64>,
     /// CPU used from worker start to the last delivery.
     cpu: CpuUse,
@@ -175,6 +192,7 @@ async fn run(args: &Args, prefix: &str) -> anyhow::Result<Report> {
         fill = Some((n, started.elapsed()));
     }
 
+    let cpu_before = CpuSnapshot::take(&args.redis_url).await;
     // The producer of steady mode: its own thread and runtime, so the ticks
     // that pace it are not held up by the worker's tasks.
     let stop_producer = Arc::new(AtomicBool::new(false));
@@ -190,8 +208,10 @@ async fn run(args: &Args, prefix: &str) -> anyhow::Result<Report> {
     };
 
     let token = CancellationToken::new();
-    let cpu_before = CpuSnapshot::take(&args.redis_url).await;
     let started = Instant::now();
+    if let Some(s) = &sink {
+        let _ = s.state.origin.set(started);
+    }
     let mut worker = tokio::spawn(service::serve(
         settings.clone(),
         service::Mode::Worker,
@@ -210,7 +230,8 @@ async fn run(args: &Args, prefix: &str) -> anyhow::Result<Report> {
         bar.set_position(count.min(n));
         if count >= n {
             break Some(match &sink {
-                Some(s) => *s.state.last.get().expect("set by the Nth delivery"),
+                // Set by the Nth request just after it counts itself.
+                Some(s) => s.state.last.get().copied().unwrap_or_else(Instant::now),
                 None => Instant::now(),
             });
         }
@@ -245,12 +266,15 @@ async fn run(args: &Args, prefix: &str) -> anyhow::Result<Report> {
     let cpu_after = CpuSnapshot::take(&args.redis_url).await;
     bar.finish_and_clear();
     let elapsed = finished_at.map_or(started.elapsed(), |t| t.duration_since(started));
-    let cpu = cpu_after.since(&cpu_before);
+    let mut cpu = cpu_after.since(&cpu_before);
 
     stop_producer.store(true, Ordering::Relaxed);
     let produced = match producer {
         Some(handle) => match handle.join() {
-            Ok(Ok(p)) => Some(p),
+            Ok(Ok((sent, took, cpu_s))) => {
+                cpu.producer_s = cpu_s;
+                Some((sent, took))
+            }
             Ok(Err(e)) => {
                 problems.push(format!("producer failed: {e:#}"));
                 None
@@ -290,6 +314,16 @@ async fn run(args: &Args, prefix: &str) -> anyhow::Result<Report> {
             problems.push(format!("{} {k}", got(k)));
         }
     }
+    let timeline = sink
+        .as_ref()
+        .map(|s| {
+            s.state
+                .timeline
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        })
+        .unwrap_or_default();
     let (first_to_last, latency) = match &sink {
         Some(s) => {
             let bad = s.state.bad.load(Ordering::Relaxed);
@@ -326,6 +360,7 @@ async fn run(args: &Args, prefix: &str) -> anyhow::Result<Report> {
         elapsed,
         first_to_last,
         latency,
+        timeline,
         stats,
         cpu,
         shutdown,
@@ -442,7 +477,7 @@ fn start_producer(
     n: u64,
     rate: u64,
     stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<anyhow::Result<(u64, Duration)>> {
+) -> std::thread::JoinHandle<anyhow::Result<(u64, Duration, f64)>> {
     std::thread::Builder::new()
         .name("bench-producer".into())
         .spawn(move || {
@@ -464,7 +499,7 @@ fn start_producer(
                         sent += k as u64;
                     }
                 }
-                Ok((sent, started.elapsed()))
+                Ok((sent, started.elapsed(), thread_cpu_seconds()))
             })
         })
         .expect("spawning the producer thread")
@@ -483,6 +518,10 @@ struct SinkState {
     /// When the target-th request arrived.
     last: OnceLock<Instant>,
     done: tokio::sync::Notify,
+    /// When the worker started: the timeline counts seconds from here.
+    origin: OnceLock<Instant>,
+    /// Per second since `origin`: deliveries and the largest latency (ms).
+    timeline: Mutex<Vec<(u64, u64)>>,
 }
 
 struct Sink {
@@ -504,6 +543,8 @@ fn start_sink(target: u64) -> anyhow::Result<Sink> {
         first: OnceLock::new(),
         last: OnceLock::new(),
         done: tokio::sync::Notify::new(),
+        origin: OnceLock::new(),
+        timeline: Mutex::new(Vec::new()),
     });
     let shared = state.clone();
     std::thread::Builder::new()
@@ -529,16 +570,28 @@ fn start_sink(target: u64) -> anyhow::Result<Sink> {
 
 async fn receive(State(s): State<Arc<SinkState>>, headers: HeaderMap, body: Bytes) -> StatusCode {
     let now = now_ms();
-    match leading_time_ms(&body) {
+    let latency = match leading_time_ms(&body) {
         Some(t) if headers.contains_key("x-pusher-signature") => {
+            let latency = now.saturating_sub(t);
             s.hist
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .saturating_record(now.saturating_sub(t));
+                .saturating_record(latency);
+            latency
         }
         _ => {
             s.bad.fetch_add(1, Ordering::Relaxed);
+            0
         }
+    };
+    if let Some(origin) = s.origin.get() {
+        let second = origin.elapsed().as_secs() as usize;
+        let mut timeline = s.timeline.lock().unwrap_or_else(|p| p.into_inner());
+        if timeline.len() <= second {
+            timeline.resize(second + 1, (0, 0));
+        }
+        timeline[second].0 += 1;
+        timeline[second].1 = timeline[second].1.max(latency);
     }
     let seen = s.count.fetch_add(1, Ordering::Relaxed) + 1;
     if seen == 1 {
@@ -663,6 +716,8 @@ struct CpuSnapshot {
     /// Busy and total jiffies of the box.
     box_busy: u64,
     box_total: u64,
+    /// Clock ticks per second.
+    tick: f64,
 }
 
 #[derive(Debug, Default)]
@@ -674,6 +729,21 @@ struct CpuUse {
     redis_s: Option<f64>,
     /// Fraction of all CPUs busy.
     box_busy: f64,
+    /// CPU seconds the whole box was busy.
+    box_busy_s: f64,
+}
+
+impl CpuUse {
+    /// Busy CPU time not used by this process or Redis: other load on the
+    /// box during the run, which skews the results.
+    fn other_s(&self) -> f64 {
+        (self.box_busy_s
+            - self.worker_s
+            - self.sink_s
+            - self.producer_s
+            - self.redis_s.unwrap_or(0.0))
+        .max(0.0)
+    }
 }
 
 impl CpuSnapshot {
@@ -723,6 +793,7 @@ impl CpuSnapshot {
             redis_s: redis_cpu(redis_url).await,
             box_busy,
             box_total,
+            tick,
         }
     }
 
@@ -732,7 +803,8 @@ impl CpuSnapshot {
             let d = (secs - before.threads.get(name).copied().unwrap_or(0.0)).max(0.0);
             match name.as_str() {
                 "bench-sink" => use_.sink_s += d,
-                "bench-producer" => use_.producer_s += d,
+                // Reported by the producer itself when it exits.
+                "bench-producer" => {}
                 _ => use_.worker_s += d,
             }
         }
@@ -742,10 +814,47 @@ impl CpuSnapshot {
         };
         let total = self.box_total.saturating_sub(before.box_total);
         if total > 0 {
-            use_.box_busy = self.box_busy.saturating_sub(before.box_busy) as f64 / total as f64;
+            let busy = self.box_busy.saturating_sub(before.box_busy) as f64;
+            use_.box_busy = busy / total as f64;
+            use_.box_busy_s = busy / self.tick;
         }
         use_
     }
+}
+
+/// CPU seconds the calling thread has used (it is gone from /proc/self/task
+/// once it exits, so the producer reports its own).
+fn thread_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// Fraction of all CPUs busy over `window` (/proc/stat), before anything runs.
+async fn box_load(window: Duration) -> f64 {
+    let read = || {
+        let s = std::fs::read_to_string("/proc/stat").ok()?;
+        let v: Vec<u64> = s
+            .lines()
+            .next()?
+            .strip_prefix("cpu ")?
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let total: u64 = v.iter().take(8).sum();
+        Some((total - v.get(3)? - v.get(4)?, total))
+    };
+    let Some((b0, t0)) = read() else { return 0.0 };
+    tokio::time::sleep(window).await;
+    let Some((b1, t1)) = read() else { return 0.0 };
+    if t1 <= t0 {
+        return 0.0;
+    }
+    b1.saturating_sub(b0) as f64 / (t1 - t0) as f64
 }
 
 /// Redis's own CPU seconds (main and background threads), from INFO cpu.
@@ -817,7 +926,7 @@ impl Report {
             );
         }
         match &self.latency {
-            Some(h) if h.len() > 0 => {
+            Some(h) if !h.is_empty() => {
                 let what = match self.mode {
                     RunMode::Burst => {
                         "enqueue → delivery; burst mode: includes the time spent waiting in the queue (all events are queued before the worker starts)"
@@ -847,6 +956,16 @@ impl Report {
             c.box_busy * 100.0,
             m.nproc,
         );
+        let other = c.other_s();
+        println!(
+            "other load:  {:.2} CPU-seconds used by other processes during the run{}",
+            other,
+            if other > 0.05 * self.elapsed.as_secs_f64() * m.nproc as f64 {
+                " (more than 5% of the box: results are skewed)"
+            } else {
+                ""
+            }
+        );
         let counters: Vec<String> = self.stats.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!(
             "queue:       {}; worker stopped in {:.3} s",
@@ -857,6 +976,11 @@ impl Report {
             },
             self.shutdown.as_secs_f64()
         );
+        if args.timeline {
+            for (second, (count, max)) in self.timeline.iter().enumerate() {
+                println!("  second {second:>3}: {count:>6} deliveries, max latency {max} ms");
+            }
+        }
         for p in &self.problems {
             println!("PROBLEM:     {p}");
         }
