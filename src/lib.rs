@@ -20,3 +20,9 @@ pub mod service;
 pub mod signing;
 pub mod telemetry;
 pub mod worker;
+
+/// mimalloc instead of the system allocator: the delivery path allocates a
+/// lot of small, short-lived buffers, and glibc's malloc was a quarter of the
+/// worker's time (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
