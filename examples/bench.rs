@@ -17,6 +17,10 @@
 //! `--sink-url` an external receiver is used instead, and progress is read
 //! from the queue's `delivered` counter (no latency then).
 //!
+//! `--plugin PATH [--plugin-config k=v ...]` puts a plugin in the app's chain:
+//! its cost per call (fresh instance, ~1 KB event) is measured first, then the
+//! run goes through it end to end.
+//!
 //! Every key the run writes starts with its prefix (`wasmhook-bench-<random>`
 //! by default) and is removed at the end.
 
@@ -85,6 +89,13 @@ struct Args {
     /// Log the service at info level to stderr (quiet by default).
     #[arg(long)]
     log: bool,
+    /// A plugin component for the app's chain (e.g. the add-field test
+    /// plugin); its cost per call is measured first, then end to end.
+    #[arg(long)]
+    plugin: Option<std::path::PathBuf>,
+    /// The plugin's config, repeatable: `--plugin-config key=value`.
+    #[arg(long = "plugin-config", value_name = "KEY=VALUE")]
+    plugin_config: Vec<String>,
 }
 
 #[tokio::main]
@@ -173,6 +184,7 @@ async fn run(args: &Args, prefix: &str) -> anyhow::Result<Report> {
         (None, None) => unreachable!(),
     };
     let settings = bench_settings(args, prefix, &sink_url)?;
+    measure_plugin(&settings, args, 20_000)?;
     let queue = service::open_queue(&settings)?;
     queue.ping().await.context("Redis is not answering")?;
     let event = sample_event()?;
@@ -396,6 +408,87 @@ fn toml_str(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
+fn plugin_config(args: &Args) -> anyhow::Result<Vec<(String, String)>> {
+    args.plugin_config
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--plugin-config {p:?}: expected key=value"))
+        })
+        .collect()
+}
+
+/// The app's chain (`[[apps]] plugins`, set through the env-free TOML by
+/// appending to the app table) and the plugin's definition.
+fn plugin_toml(args: &Args) -> anyhow::Result<String> {
+    let Some(path) = &args.plugin else {
+        return Ok(String::new());
+    };
+    let path =
+        std::fs::canonicalize(path).with_context(|| format!("--plugin {}", path.display()))?;
+    let config: Vec<String> = plugin_config(args)?
+        .iter()
+        .map(|(k, v)| format!("{} = {}", toml_str(k), toml_str(v)))
+        .collect();
+    Ok(format!(
+        "\n[plugins.bench]\npath = {}\n\n[[apps.plugins]]\nplugin = \"bench\"\nconfig = {{ {} }}\n",
+        toml_str(&path.display().to_string()),
+        config.join(", ")
+    ))
+}
+
+/// Cost of the plugin stage alone: fresh instance + call on a ~1 KB event,
+/// many times, on this thread.
+fn measure_plugin(settings: &Settings, args: &Args, calls: u32) -> anyhow::Result<()> {
+    use wasmhook::plugin::{FailurePolicy, Limits, PluginEngine, PluginInput};
+    let Some(path) = &args.plugin else {
+        return Ok(());
+    };
+    let engine = PluginEngine::new(&settings.wasm)?;
+    let limits = Limits {
+        deadline: Duration::from_secs(1),
+        fuel: None,
+        max_memory: 32 << 20,
+        max_output: 1 << 20,
+    };
+    let plugin = engine.load("bench", path, limits, FailurePolicy::Fail)?;
+    let event = sample_event()?;
+    let config = plugin_config(args)?;
+    let input = PluginInput {
+        id: "msg_bench",
+        app_id: APP_ID,
+        event: &event,
+        headers: &[],
+        metadata: &[],
+        attempt: 1,
+        endpoint: None,
+    };
+    let mut hist = Histogram::<u64>::new(3)?;
+    for _ in 0..200 {
+        plugin
+            .call(&input, &config)
+            .decision
+            .map_err(|e| anyhow::anyhow!("the plugin failed: {e}"))?;
+    }
+    for _ in 0..calls {
+        let called = plugin.call(&input, &config);
+        called
+            .decision
+            .map_err(|e| anyhow::anyhow!("the plugin failed: {e}"))?;
+        hist.record(called.elapsed.as_nanos() as u64)?;
+    }
+    println!(
+        "plugin:      {} ({} bytes event): fresh instance + call p50 {:.1} µs / p99 {:.1} µs / max {:.1} µs over {calls} calls",
+        path.display(),
+        serde_json::to_vec(&event)?.len(),
+        hist.value_at_quantile(0.5) as f64 / 1000.0,
+        hist.value_at_quantile(0.99) as f64 / 1000.0,
+        hist.max() as f64 / 1000.0,
+    );
+    Ok(())
+}
+
 fn bench_settings(args: &Args, prefix: &str, sink_url: &str) -> anyhow::Result<Settings> {
     let text = format!(
         r#"
@@ -420,11 +513,13 @@ ingest_token = "bench-token"
 [[apps.webhooks]]
 url = {sink}
 scheme = "pusher"
+{plugin}
 "#,
         redis = toml_str(&args.redis_url),
         prefix = toml_str(prefix),
         concurrency = args.concurrency,
         sink = toml_str(sink_url),
+        plugin = plugin_toml(args)?,
     );
     wasmhook::config::load_from(None, Some(&text), std::iter::empty())
         .map_err(|e| anyhow::anyhow!("{e}"))
