@@ -184,7 +184,7 @@ async fn run(args: &Args, prefix: &str) -> anyhow::Result<Report> {
         (None, None) => unreachable!(),
     };
     let settings = bench_settings(args, prefix, &sink_url)?;
-    measure_plugin(&settings, args, 20_000)?;
+    measure_plugin(&settings, args, 20_000).await?;
     let queue = service::open_queue(&settings)?;
     queue.ping().await.context("Redis is not answering")?;
     let event = sample_event()?;
@@ -440,7 +440,7 @@ fn plugin_toml(args: &Args) -> anyhow::Result<String> {
 
 /// Cost of the plugin stage alone: fresh instance + call on a ~1 KB event,
 /// many times, on this thread.
-fn measure_plugin(settings: &Settings, args: &Args, calls: u32) -> anyhow::Result<()> {
+async fn measure_plugin(settings: &Settings, args: &Args, calls: u32) -> anyhow::Result<()> {
     use wasmhook::plugin::{FailurePolicy, Limits, PluginEngine, PluginInput};
     let Some(path) = &args.plugin else {
         return Ok(());
@@ -468,11 +468,12 @@ fn measure_plugin(settings: &Settings, args: &Args, calls: u32) -> anyhow::Resul
     for _ in 0..200 {
         plugin
             .call(&input, &config)
+            .await
             .decision
             .map_err(|e| anyhow::anyhow!("the plugin failed: {e}"))?;
     }
     for _ in 0..calls {
-        let called = plugin.call(&input, &config);
+        let called = plugin.call(&input, &config).await;
         called
             .decision
             .map_err(|e| anyhow::anyhow!("the plugin failed: {e}"))?;

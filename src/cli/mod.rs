@@ -198,7 +198,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Send { args, .. } => send(&settings, args).await,
         Command::Dlq { command, .. } => dlq(&settings, command).await,
         Command::Queues { .. } => queues(&settings).await,
-        Command::Plugin { command } => plugin::run(&settings, command),
+        Command::Plugin { command } => plugin::run(&settings, command).await,
         Command::Config { .. } => unreachable!("handled above"),
     }
 }

@@ -51,7 +51,7 @@ pub enum PluginCommand {
     },
 }
 
-pub fn run(settings: &Settings, command: PluginCommand) -> anyhow::Result<()> {
+pub async fn run(settings: &Settings, command: PluginCommand) -> anyhow::Result<()> {
     match command {
         PluginCommand::Test {
             plugin,
@@ -62,17 +62,20 @@ pub fn run(settings: &Settings, command: PluginCommand) -> anyhow::Result<()> {
             attempt,
             deadline,
             json,
-        } => test(
-            settings,
-            &plugin,
-            &event,
-            &pairs,
-            &app,
-            endpoint.as_deref(),
-            attempt,
-            deadline,
-            json,
-        ),
+        } => {
+            test(
+                settings,
+                &plugin,
+                &event,
+                &pairs,
+                &app,
+                endpoint.as_deref(),
+                attempt,
+                deadline,
+                json,
+            )
+            .await
+        }
         PluginCommand::Inspect { plugin } => inspect(settings, &plugin),
         PluginCommand::New { name, dir } => new(&name, &dir),
     }
@@ -104,7 +107,7 @@ fn read_event(path: &Path) -> anyhow::Result<Event> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn test(
+async fn test(
     settings: &Settings,
     plugin: &Path,
     event: &Path,
@@ -144,7 +147,7 @@ fn test(
         attempt,
         endpoint,
     };
-    let called = loaded.call(&input, &config);
+    let called = loaded.call(&input, &config).await;
     let elapsed_us = called.elapsed.as_micros() as u64;
     let result = match &called.decision {
         Ok(Decision::Keep) => json!({"decision": "keep"}),

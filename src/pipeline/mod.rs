@@ -82,8 +82,12 @@ pub struct StageError {
 /// One step of an app's chain.
 pub trait Stage: Send + Sync {
     fn name(&self) -> &str;
-    fn decide(&self, job: &Job) -> Result<Decision, StageError>;
+    fn decide<'a>(&'a self, job: &'a Job) -> StageFuture<'a>;
 }
+
+/// What [`Stage::decide`] returns: a plugin call runs on the async task.
+pub type StageFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Decision, StageError>> + Send + 'a>>;
 
 /// What the app-level chain made of a new event.
 #[derive(Debug)]
@@ -125,7 +129,7 @@ impl Pipeline {
 
     /// Runs the endpoint's chain over a job aimed at it (on every attempt).
     /// Also returns how many stages were skipped by their failure policy.
-    pub fn prepare(
+    pub async fn prepare(
         &self,
         app: &App,
         endpoint: &Endpoint,
@@ -140,7 +144,7 @@ impl Pipeline {
         let mut job = job;
         let mut skipped = 0;
         for stage in chain {
-            match stage.decide(&job)? {
+            match stage.decide(&job).await? {
                 Decision::Keep => {}
                 Decision::Skipped(_) => skipped += 1,
                 Decision::Transform(message) => message.apply(&mut job),
@@ -164,7 +168,7 @@ impl Pipeline {
 
     /// Runs the app's chain over a new event and picks its endpoints. Also
     /// returns how many stages were skipped by their failure policy.
-    pub fn route(&self, app: &App, job: &Job) -> Result<(Routing, u32), StageError> {
+    pub async fn route(&self, app: &App, job: &Job) -> Result<(Routing, u32), StageError> {
         let mut job = job.clone();
         let mut routed: Option<Vec<RouteTarget>> = None;
         let mut skipped = 0;
@@ -173,7 +177,7 @@ impl Pipeline {
                 stage: stage.name().to_string(),
                 reason,
             };
-            match stage.decide(&job)? {
+            match stage.decide(&job).await? {
                 Decision::Keep => {}
                 Decision::Skipped(_) => skipped += 1,
                 Decision::Transform(message) => message.apply(&mut job),
@@ -273,19 +277,24 @@ mod tests {
         }
     }
 
-    #[test]
-    fn without_stages_subscriptions_decide() {
+    #[tokio::test]
+    async fn without_stages_subscriptions_decide() {
         let p = Pipeline::default();
         let app = app();
         assert_eq!(
             ids(&p
                 .route(&app, &job("channel_occupied", "public-x"))
+                .await
                 .unwrap()
                 .0),
             ["all", "occupied"]
         );
         assert_eq!(
-            ids(&p.route(&app, &job("member_added", "private-x")).unwrap().0),
+            ids(&p
+                .route(&app, &job("member_added", "private-x"))
+                .await
+                .unwrap()
+                .0),
             ["all", "private"]
         );
     }
@@ -295,8 +304,9 @@ mod tests {
         fn name(&self) -> &str {
             "fixed"
         }
-        fn decide(&self, _: &Job) -> Result<Decision, StageError> {
-            Ok(self.0.clone())
+        fn decide<'a>(&'a self, _: &'a Job) -> StageFuture<'a> {
+            let decision = self.0.clone();
+            Box::pin(async move { Ok(decision) })
         }
     }
 
@@ -308,17 +318,17 @@ mod tests {
         Pipeline::new(HashMap::from([("a".to_string(), stages)]), HashMap::new())
     }
 
-    #[test]
-    fn a_drop_stops_the_chain() {
+    #[tokio::test]
+    async fn a_drop_stops_the_chain() {
         let p = with(vec![Decision::Drop("no".into()), Decision::Route(vec![])]);
-        match p.route(&app(), &job("x", "c")).unwrap().0 {
+        match p.route(&app(), &job("x", "c")).await.unwrap().0 {
             Routing::Dropped { reason, .. } => assert_eq!(reason, "no"),
             other => panic!("{other:?}"),
         }
     }
 
-    #[test]
-    fn a_route_picks_exactly_its_endpoints_with_their_own_events() {
+    #[tokio::test]
+    async fn a_route_picks_exactly_its_endpoints_with_their_own_events() {
         let special = Event::from_json(json!({"name": "special"})).unwrap();
         let p = with(vec![Decision::Route(vec![
             RouteTarget {
@@ -330,7 +340,11 @@ mod tests {
                 message: None,
             },
         ])]);
-        let r = p.route(&app(), &job("member_added", "public-x")).unwrap().0;
+        let r = p
+            .route(&app(), &job("member_added", "public-x"))
+            .await
+            .unwrap()
+            .0;
         assert_eq!(ids(&r), ["occupied", "private"]);
         let Routing::Deliver(d) = r else {
             unreachable!()
@@ -339,20 +353,24 @@ mod tests {
         assert_eq!(d[1].1.event.name, "member_added");
     }
 
-    #[test]
-    fn a_transform_is_what_later_stages_and_endpoints_see() {
+    #[tokio::test]
+    async fn a_transform_is_what_later_stages_and_endpoints_see() {
         let changed =
             Event::from_json(json!({"name": "channel_occupied", "channel": "private-y"})).unwrap();
         let p = with(vec![
             Decision::Transform(Message::event(changed.clone())),
             Decision::Keep,
         ]);
-        let r = p.route(&app(), &job("member_added", "public-x")).unwrap().0;
+        let r = p
+            .route(&app(), &job("member_added", "public-x"))
+            .await
+            .unwrap()
+            .0;
         assert_eq!(ids(&r), ["all", "occupied", "private"]);
     }
 
-    #[test]
-    fn skipped_stages_pass_the_event_on_and_are_counted() {
+    #[tokio::test]
+    async fn skipped_stages_pass_the_event_on_and_are_counted() {
         let p = with(vec![
             Decision::Skipped("trapped".into()),
             Decision::Keep,
@@ -360,19 +378,21 @@ mod tests {
         ]);
         let (r, skipped) = p
             .route(&app(), &job("channel_occupied", "public-x"))
+            .await
             .unwrap();
         assert_eq!(skipped, 2);
         assert_eq!(ids(&r), ["all", "occupied"]);
     }
 
-    #[test]
-    fn routing_to_an_unknown_endpoint_is_an_error() {
+    #[tokio::test]
+    async fn routing_to_an_unknown_endpoint_is_an_error() {
         let p = with(vec![Decision::Route(vec![RouteTarget {
             endpoint: "nope".into(),
             message: None,
         }])]);
         assert!(
             p.route(&app(), &job("x", "c"))
+                .await
                 .unwrap_err()
                 .message
                 .contains("nope")

@@ -3,6 +3,8 @@
 wasmtime::component::bindgen!({
     path: "wit",
     world: "wasmhook:plugin/plugin",
+    // Calls run on the worker's async tasks; the deadline interrupts them.
+    exports: { default: async },
 });
 
 pub use self::Plugin as PluginWorld;

@@ -117,30 +117,7 @@ pub struct PluginEngine {
 
 /// Admission to the instance pool: a call waits for a free slot rather than
 /// failing when every pooled instance is in use.
-struct Slots {
-    free: std::sync::Mutex<u32>,
-    freed: std::sync::Condvar,
-}
-
-impl Slots {
-    fn take(self: &Arc<Self>) -> SlotGuard {
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        while *free == 0 {
-            free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
-        }
-        *free -= 1;
-        SlotGuard(self.clone())
-    }
-}
-
-struct SlotGuard(Arc<Slots>);
-
-impl Drop for SlotGuard {
-    fn drop(&mut self) {
-        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        self.0.freed.notify_one();
-    }
-}
+type Slots = tokio::sync::Semaphore;
 
 impl PluginEngine {
     pub fn new(settings: &EngineSettings) -> anyhow::Result<Self> {
@@ -177,10 +154,7 @@ impl PluginEngine {
             linker: Arc::new(linker),
             cache_dir: settings.cache_dir.clone(),
             fuel: settings.fuel,
-            slots: Arc::new(Slots {
-                free: std::sync::Mutex::new(n),
-                freed: std::sync::Condvar::new(),
-            }),
+            slots: Arc::new(Slots::new(n as usize)),
         })
     }
 
@@ -289,22 +263,16 @@ pub struct Called {
 }
 
 impl Plugin {
-    /// Runs the plugin once, in a fresh store. The call runs on the calling
-    /// thread; inside a multi-threaded tokio runtime the thread is first
-    /// handed over to blocking work (WASI's synchronous host calls, such as a
-    /// guest writing its panic message, block on the runtime).
-    pub fn call(&self, input: &PluginInput<'_>, config: &[(String, String)]) -> Called {
-        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
-                tokio::task::block_in_place(|| self.call_here(input, config))
-            }
-            _ => self.call_here(input, config),
-        }
-    }
-
-    fn call_here(&self, input: &PluginInput<'_>, config: &[(String, String)]) -> Called {
+    /// Runs the plugin once, in a fresh store, on the calling task: the
+    /// guest yields to the runtime at its epoch checks, and the deadline
+    /// interrupts it.
+    pub async fn call(&self, input: &PluginInput<'_>, config: &[(String, String)]) -> Called {
         // The deadline starts once an instance slot is ours.
-        let _slot = self.slots.take();
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .expect("the slot semaphore is never closed");
         let started = Instant::now();
         let (state, stderr) = State::new(self.name.clone(), input.app_id, self.limits.max_memory);
         let mut store = Store::new(&self.engine, state);
@@ -316,7 +284,7 @@ impl Plugin {
             // Cannot fail: fuel is on whenever a budget is set.
             let _ = store.set_fuel(fuel);
         }
-        let decision = self.run(&mut store, input, config);
+        let decision = self.run(&mut store, input, config).await;
         let stderr = String::from_utf8_lossy(&stderr.contents())
             .trim()
             .to_string();
@@ -333,7 +301,7 @@ impl Plugin {
         }
     }
 
-    fn run(
+    async fn run(
         &self,
         store: &mut Store<State>,
         input: &PluginInput<'_>,
@@ -341,7 +309,8 @@ impl Plugin {
     ) -> Result<Decision, PluginFailure> {
         let instance = self
             .pre
-            .instantiate(&mut *store)
+            .instantiate_async(&mut *store)
+            .await
             .map_err(|e| self.classify(store, e, true))?;
         let event = wit::Event {
             id: input.id.to_string(),
@@ -364,6 +333,7 @@ impl Plugin {
         let config = pairs(config);
         let result = instance
             .call_handle(&mut *store, &event, &config)
+            .await
             .map_err(|e| self.classify(store, e, false))?;
         match result {
             Ok(decision) => self.convert(decision),

@@ -11,7 +11,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{FailurePolicy, Limits, LoadError, Plugin, PluginEngine, PluginInput};
 use crate::event::Job;
-use crate::pipeline::{Decision, Stage, StageError};
+use crate::pipeline::{Decision, Stage, StageError, StageFuture};
 
 /// A plugin as the config defines it.
 #[derive(Debug, Clone, PartialEq)]
@@ -196,7 +196,13 @@ impl Stage for PluginStage {
         &self.plugin
     }
 
-    fn decide(&self, job: &Job) -> Result<Decision, StageError> {
+    fn decide<'a>(&'a self, job: &'a Job) -> StageFuture<'a> {
+        Box::pin(self.run(job))
+    }
+}
+
+impl PluginStage {
+    async fn run(&self, job: &Job) -> Result<Decision, StageError> {
         let Some(plugin) = self.registry.get(&self.plugin) else {
             return Err(StageError {
                 stage: self.plugin.clone(),
@@ -212,7 +218,7 @@ impl Stage for PluginStage {
             attempt: job.attempt + 1,
             endpoint: job.endpoint.as_deref(),
         };
-        let called = plugin.call(&input, &self.config);
+        let called = plugin.call(&input, &self.config).await;
         let failure = match called.decision {
             Ok(decision) => {
                 debug!(

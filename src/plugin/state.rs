@@ -128,7 +128,7 @@ impl super::bindings::types::Host for State {}
 
 /// The `log` import and the WASI interfaces a Rust std guest links against.
 pub(super) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> {
-    wasmtime_wasi::p2::add_to_linker_sync(linker)?;
+    wasmtime_wasi::p2::add_to_linker_async(linker)?;
     PluginWorld::add_to_linker::<State, HasSelf<State>>(linker, |s| s)?;
     Ok(())
 }

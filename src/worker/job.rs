@@ -69,7 +69,7 @@ async fn run(ctx: &Context, queue: &str, job: Job) -> Vec<Effect> {
                 )
             }
         },
-        None => match tenants.pipeline.route(&app, &job) {
+        None => match tenants.pipeline.route(&app, &job).await {
             Ok((routing, skipped)) => {
                 let mut effects = routed(ctx, &tenants, queue, &app, &job, routing).await;
                 effects.extend((0..skipped).map(|_| Effect::Count(Stat::PluginSkipped)));
@@ -160,7 +160,8 @@ async fn deliver(
         job.endpoint = Some(endpoint.id.clone());
         // The endpoint's chain runs on every attempt; its output is what is
         // signed and sent, while a retry keeps the job as it was before it.
-        let (prepared, skipped) = match tenants.pipeline.prepare(app, &endpoint, job.clone()) {
+        let (prepared, skipped) = match tenants.pipeline.prepare(app, &endpoint, job.clone()).await
+        {
             Ok((Prepared::Deliver(prepared), skipped)) => (prepared, skipped),
             Ok((Prepared::Dropped { stage, reason }, _)) => {
                 info!(
