@@ -108,6 +108,7 @@ async fn tenant_filter_drops_are_recorded_and_never_delivered() {
 
     let got = rx.wait_for("hook", 1, WAIT).await;
     assert_eq!(event_of(&got[0])["channel"], "private-b");
+    verify_pusher(&got[0], "app-1-key", APP_SECRET);
     let q = queue(&text);
     eventually("drops recorded", WAIT, async || {
         let a = q
@@ -195,6 +196,14 @@ async fn route_by_event_sends_to_exactly_the_chosen_endpoints() {
     assert_eq!(names("a"), ["client_event", "member_added"]);
     assert_eq!(names("b"), ["member_added"]);
     assert_eq!(names("c"), ["channel_vacated"]);
+    for r in rx
+        .received("a")
+        .iter()
+        .chain(&rx.received("b"))
+        .chain(&rx.received("c"))
+    {
+        verify_pusher(r, "app-1-key", APP_SECRET);
+    }
     wh.shutdown().await;
 }
 
@@ -805,4 +814,58 @@ async fn sighup_reloads_apps_and_plugins_and_rejects_a_bad_config() {
     assert!(serve.try_wait().unwrap().is_none(), "still running");
     signal(&serve, libc::SIGTERM);
     assert!(serve.wait().await.unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fuel_budget_stops_a_plugin_deterministically() {
+    use wasmhook::plugin::{
+        EngineSettings, FailurePolicy, Limits, PluginEngine, PluginFailure, PluginInput,
+    };
+    let engine = PluginEngine::new(&EngineSettings {
+        cache_dir: None,
+        max_instances: 4,
+        max_memory: 32 << 20,
+        fuel: true,
+    })
+    .unwrap();
+    let limits = |fuel| Limits {
+        deadline: Duration::from_secs(10),
+        fuel: Some(fuel),
+        max_memory: 32 << 20,
+        max_output: 1 << 20,
+    };
+    let event =
+        wasmhook::event::Event::from_json(json!({"name": "client_event", "channel": "c"})).unwrap();
+    let input = PluginInput {
+        id: "msg_1",
+        app_id: "app-1",
+        event: &event,
+        headers: &[],
+        metadata: &[],
+        attempt: 1,
+        endpoint: None,
+    };
+    let looping = engine
+        .load(
+            "loop",
+            &plugin("infinite-loop"),
+            limits(5_000_000),
+            FailurePolicy::Fail,
+        )
+        .unwrap();
+    let called = looping.call(&input, &[]).await;
+    assert_eq!(
+        called.decision.unwrap_err(),
+        PluginFailure::OutOfFuel(5_000_000)
+    );
+    // The same budget is plenty for a plugin that finishes.
+    let tagging = engine
+        .load(
+            "tag",
+            &plugin("add-field"),
+            limits(5_000_000),
+            FailurePolicy::Fail,
+        )
+        .unwrap();
+    assert!(tagging.call(&input, &[]).await.decision.is_ok());
 }
