@@ -556,18 +556,7 @@ async fn plugin_test_inspect_and_new_work_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let event = dir.path().join("event.json");
     std::fs::write(&event, json!({"time_ms": 1, "events": [{"name": "client_event", "channel": "private-a", "data": "{\"email\":\"x@y.z\"}"}]}).to_string()).unwrap();
-    let cli = |args: Vec<String>| async move {
-        let out = tokio::process::Command::new(binary())
-            .args(args)
-            .output()
-            .await
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let cli = |args: Vec<String>| async move { run_binary(&args).await };
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let redact = plugin("redact").display().to_string();
     let ev = event.display().to_string();

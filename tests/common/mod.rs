@@ -443,10 +443,16 @@ pub fn spawn_serve(config: &std::path::Path, mode: &str) -> tokio::process::Chil
 }
 
 pub async fn run_cli(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    all.push("--config".into());
+    all.push(config.display().to_string());
+    run_binary(&all).await
+}
+
+/// Runs the binary with these arguments: (success, stdout, stderr).
+pub async fn run_binary(args: &[String]) -> (bool, String, String) {
     let out = tokio::process::Command::new(binary())
         .args(args)
-        .arg("--config")
-        .arg(config)
         .output()
         .await
         .unwrap();
