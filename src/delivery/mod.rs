@@ -35,9 +35,9 @@ pub struct Failure {
 }
 
 impl Failure {
-    /// A failure before any request was made (a plugin stage failed): worth
-    /// retrying on the schedule.
-    pub fn before_sending(message: String) -> Failure {
+    /// A failure with no response (a transport error, or a plugin stage
+    /// that failed before sending): worth retrying on the schedule.
+    pub fn retryable(message: String) -> Failure {
         Failure {
             kind: FailureKind::Retryable,
             message,
@@ -138,13 +138,7 @@ fn transport_failure(e: &reqwest::Error, timeout: Duration) -> Failure {
     } else {
         format!("request failed: {}", chain(e))
     };
-    Failure {
-        kind: FailureKind::Retryable,
-        message,
-        status: None,
-        body: None,
-        retry_after: None,
-    }
+    Failure::retryable(message)
 }
 
 /// The error and its causes, without the URL (it may carry credentials).

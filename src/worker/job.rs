@@ -76,7 +76,7 @@ async fn run(ctx: &Context, queue: &str, job: Job) -> Vec<Effect> {
                 effects
             }
             Err(e) => {
-                let failure = Failure::before_sending(e.to_string());
+                let failure = Failure::retryable(e.to_string());
                 let attempt = job.attempt + 1;
                 failed(queue, &ctx.retry, job, attempt, failure)
             }
@@ -173,7 +173,7 @@ async fn deliver(
                 return vec![Effect::Count(Stat::Dropped)];
             }
             Err(e) => {
-                let failure = Failure::before_sending(e.to_string());
+                let failure = Failure::retryable(e.to_string());
                 return failed(queue, &endpoint.retry, job, attempt, failure);
             }
         };

@@ -349,6 +349,10 @@ level = "wasmhook=debug,warn"
 
 /// One app with the given endpoints text (`[[apps.webhooks]]` tables).
 pub fn app(id: &str, webhooks: &str) -> String {
+    app_table(id, "", webhooks)
+}
+
+fn app_table(id: &str, extra: &str, webhooks: &str) -> String {
     format!(
         r#"
 [[apps]]
@@ -356,6 +360,7 @@ id = "{id}"
 key = "{id}-key"
 secret = "{APP_SECRET}"
 ingest_token = "{id}-token"
+{extra}
 {webhooks}
 "#
     )
@@ -555,17 +560,7 @@ pub fn plugin_def(name: &str, path: &std::path::Path, extra: &str) -> String {
 
 /// An app whose own chain is `chain` (TOML array of plugin refs).
 pub fn app_with_chain(id: &str, chain: &str, webhooks: &str) -> String {
-    format!(
-        r#"
-[[apps]]
-id = "{id}"
-key = "{id}-key"
-secret = "{APP_SECRET}"
-ingest_token = "{id}-token"
-plugins = {chain}
-{webhooks}
-"#
-    )
+    app_table(id, &format!("plugins = {chain}"), webhooks)
 }
 
 /// Waits until `queue` holds at least `n` dead letters, and returns them.
