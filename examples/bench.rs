@@ -96,6 +96,10 @@ struct Args {
     /// The plugin's config, repeatable: `--plugin-config key=value`.
     #[arg(long = "plugin-config", value_name = "KEY=VALUE")]
     plugin_config: Vec<String>,
+    /// The plugin's `max_reuse` in the end-to-end run: 1 = a fresh instance
+    /// per call (default: the configured default, warm instances).
+    #[arg(long = "max-reuse", value_name = "CALLS")]
+    max_reuse: Option<u32>,
 }
 
 #[tokio::main]
@@ -431,28 +435,26 @@ fn plugin_toml(args: &Args) -> anyhow::Result<String> {
         .iter()
         .map(|(k, v)| format!("{} = {}", toml_str(k), toml_str(v)))
         .collect();
+    let reuse = match args.max_reuse {
+        Some(n) => format!("max_reuse = {n}\n"),
+        None => String::new(),
+    };
     Ok(format!(
-        "\n[plugins.bench]\npath = {}\n\n[[apps.plugins]]\nplugin = \"bench\"\nconfig = {{ {} }}\n",
+        "\n[plugins.bench]\npath = {}\n{reuse}\n[[apps.plugins]]\nplugin = \"bench\"\nconfig = {{ {} }}\n",
         toml_str(&path.display().to_string()),
         config.join(", ")
     ))
 }
 
-/// Cost of the plugin stage alone: fresh instance + call on a ~1 KB event,
-/// many times, on this thread.
+/// Cost of the plugin stage alone on a ~1 KB event, many calls on this
+/// thread: on a fresh instance each time, and on a warm one (reused for the
+/// same app, as the worker does unless `max_reuse = 1`).
 async fn measure_plugin(settings: &Settings, args: &Args, calls: u32) -> anyhow::Result<()> {
     use wasmhook::plugin::{FailurePolicy, Limits, PluginEngine, PluginInput};
     let Some(path) = &args.plugin else {
         return Ok(());
     };
     let engine = PluginEngine::new(&settings.wasm)?;
-    let limits = Limits {
-        deadline: Duration::from_secs(1),
-        fuel: None,
-        max_memory: 32 << 20,
-        max_output: 1 << 20,
-    };
-    let plugin = engine.load("bench", path, limits, FailurePolicy::Fail)?;
     let event = sample_event()?;
     let config = plugin_config(args)?;
     let input = PluginInput {
@@ -464,29 +466,41 @@ async fn measure_plugin(settings: &Settings, args: &Args, calls: u32) -> anyhow:
         attempt: 1,
         endpoint: None,
     };
-    let mut hist = Histogram::<u64>::new(3)?;
-    for _ in 0..200 {
-        plugin
-            .call(&input, &config)
-            .await
-            .decision
-            .map_err(|e| anyhow::anyhow!("the plugin failed: {e}"))?;
+    for (label, max_reuse) in [
+        ("fresh instance + call", 1),
+        ("warm instance call", u32::MAX),
+    ] {
+        let limits = Limits {
+            deadline: Duration::from_secs(1),
+            fuel: None,
+            max_memory: 32 << 20,
+            max_output: 1 << 20,
+            max_reuse,
+        };
+        let plugin = engine.load("bench", path, limits, FailurePolicy::Fail)?;
+        let mut hist = Histogram::<u64>::new(3)?;
+        for i in 0..calls + 200 {
+            // Timed from outside: a fresh instance's teardown (its memory
+            // reset) is part of what it costs.
+            let started = Instant::now();
+            let called = plugin.call(&input, &config).await;
+            let elapsed = started.elapsed();
+            called
+                .decision
+                .map_err(|e| anyhow::anyhow!("the plugin failed: {e}"))?;
+            if i >= 200 {
+                hist.record(elapsed.as_nanos() as u64)?;
+            }
+        }
+        println!(
+            "plugin:      {} ({} bytes event): {label} p50 {:.1} µs / p99 {:.1} µs / max {:.1} µs over {calls} calls",
+            path.display(),
+            serde_json::to_vec(&event)?.len(),
+            hist.value_at_quantile(0.5) as f64 / 1000.0,
+            hist.value_at_quantile(0.99) as f64 / 1000.0,
+            hist.max() as f64 / 1000.0,
+        );
     }
-    for _ in 0..calls {
-        let called = plugin.call(&input, &config).await;
-        called
-            .decision
-            .map_err(|e| anyhow::anyhow!("the plugin failed: {e}"))?;
-        hist.record(called.elapsed.as_nanos() as u64)?;
-    }
-    println!(
-        "plugin:      {} ({} bytes event): fresh instance + call p50 {:.1} µs / p99 {:.1} µs / max {:.1} µs over {calls} calls",
-        path.display(),
-        serde_json::to_vec(&event)?.len(),
-        hist.value_at_quantile(0.5) as f64 / 1000.0,
-        hist.value_at_quantile(0.99) as f64 / 1000.0,
-        hist.max() as f64 / 1000.0,
-    );
     Ok(())
 }
 

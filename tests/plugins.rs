@@ -37,7 +37,10 @@ fn event_of(r: &Received) -> Value {
 async fn redact_transforms_and_the_signature_covers_the_transformed_bytes() {
     let redis = RedisServer::start();
     let rx = Receiver::start().await;
-    let chain = r#"[{ plugin = "redact", config = { paths = "data.email,data.card.number" } }]"#;
+    // add-header passes the redacted payload on as it got it (the host
+    // keeps the event rather than parsing it again) and adds a header.
+    let chain = r#"[{ plugin = "redact", config = { paths = "data.email,data.card.number" } },
+                    { plugin = "add-header", config = { name = "X-Redacted", value = "yes" } }]"#;
     let endpoints = pusher_endpoint(&rx.url("pusher")) + &standard_endpoint(&rx.url("std"));
     let text = config(
         Some(&redis.url),
@@ -45,7 +48,8 @@ async fn redact_transforms_and_the_signature_covers_the_transformed_bytes() {
         "127.0.0.1:0",
         &app_with_chain("app-1", chain, &endpoints),
     ) + &wasm_section("")
-        + &plugin_def("redact", &plugin("redact"), "");
+        + &plugin_def("redact", &plugin("redact"), "")
+        + &plugin_def("add-header", &plugin("add-header"), "");
     let wh = Running::start(&text, Mode::All).await;
     let data =
         json!({"email": "ada@example.com", "card": {"number": "4242424242424242"}, "order": 17})
@@ -65,6 +69,7 @@ async fn redact_transforms_and_the_signature_covers_the_transformed_bytes() {
             inner,
             json!({"email": "***", "card": {"number": "***"}, "order": 17})
         );
+        assert_eq!(got[0].header("x-redacted"), "yes");
         if path == "pusher" {
             verify_pusher(&got[0], "app-1-key", APP_SECRET);
         } else {
@@ -662,6 +667,7 @@ async fn compiled_plugins_are_cached_on_disk_and_a_bad_cache_entry_is_ignored() 
     let settings = EngineSettings {
         cache_dir: Some(cache.path().to_path_buf()),
         max_instances: 4,
+        warm_instances: 4,
         max_memory: 32 << 20,
         fuel: false,
     };
@@ -670,6 +676,7 @@ async fn compiled_plugins_are_cached_on_disk_and_a_bad_cache_entry_is_ignored() 
         fuel: None,
         max_memory: 32 << 20,
         max_output: 1 << 20,
+        max_reuse: 1,
     };
     let cached = || {
         std::fs::read_dir(cache.path())
@@ -813,6 +820,7 @@ async fn a_fuel_budget_stops_a_plugin_deterministically() {
     let engine = PluginEngine::new(&EngineSettings {
         cache_dir: None,
         max_instances: 4,
+        warm_instances: 4,
         max_memory: 32 << 20,
         fuel: true,
     })
@@ -822,6 +830,7 @@ async fn a_fuel_budget_stops_a_plugin_deterministically() {
         fuel: Some(fuel),
         max_memory: 32 << 20,
         max_output: 1 << 20,
+        max_reuse: 100,
     };
     let event =
         wasmhook::event::Event::from_json(json!({"name": "client_event", "channel": "c"})).unwrap();
@@ -857,4 +866,132 @@ async fn a_fuel_budget_stops_a_plugin_deterministically() {
         )
         .unwrap();
     assert!(tagging.call(&input, &[]).await.decision.is_ok());
+    // A warm instance gets the whole budget again on every call.
+    for _ in 0..5 {
+        assert!(tagging.call(&input, &[]).await.decision.is_ok());
+    }
+}
+
+/// `calls` as the call-count plugin saw it: how many calls its instance has
+/// served, this one included.
+async fn calls_seen(
+    plugin: &wasmhook::plugin::Plugin,
+    app: &str,
+    config: &[(String, String)],
+) -> Result<u64, wasmhook::plugin::PluginFailure> {
+    use wasmhook::pipeline::Decision;
+    let event =
+        wasmhook::event::Event::from_json(json!({"name": "client_event", "channel": "c"})).unwrap();
+    let input = wasmhook::plugin::PluginInput {
+        id: "msg_1",
+        app_id: app,
+        event: &event,
+        headers: &[],
+        metadata: &[],
+        attempt: 1,
+        endpoint: None,
+    };
+    match plugin.call(&input, config).await.decision? {
+        Decision::Transform(m) => Ok(m.event.fields["calls"].as_u64().unwrap()),
+        other => panic!("expected a transform, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_instances_serve_one_app_only_and_are_retired_when_they_must_be() {
+    use wasmhook::plugin::{EngineSettings, FailurePolicy, Limits, PluginEngine, PluginFailure};
+    let engine = |warm| {
+        PluginEngine::new(&EngineSettings {
+            cache_dir: None,
+            max_instances: 4,
+            warm_instances: warm,
+            max_memory: 32 << 20,
+            fuel: false,
+        })
+        .unwrap()
+    };
+    let limits = |max_reuse| Limits {
+        deadline: Duration::from_secs(10),
+        fuel: None,
+        max_memory: 32 << 20,
+        max_output: 1 << 20,
+        max_reuse,
+    };
+    let cfg = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let warm = engine(8);
+    let count = warm
+        .load(
+            "count",
+            &plugin("call-count"),
+            limits(3),
+            FailurePolicy::Fail,
+        )
+        .unwrap();
+
+    // One app's calls share an instance, up to its call budget; another
+    // app's calls never land on it.
+    let mut seen = Vec::new();
+    for app in ["app-a", "app-b", "app-a", "app-a", "app-b", "app-a"] {
+        seen.push((app, calls_seen(&count, app, &[]).await.unwrap()));
+    }
+    assert_eq!(
+        seen,
+        [
+            ("app-a", 1),
+            ("app-b", 1),
+            ("app-a", 2),
+            ("app-a", 3),
+            ("app-b", 2),
+            ("app-a", 1)
+        ],
+        "app-a's instance is retired after 3 calls"
+    );
+    assert_eq!(warm.warm_instances(), 2, "one idle instance per app");
+
+    // A trap retires the instance: the next call starts fresh.
+    let trap_on_2 = cfg(&[("panic_at", "2")]);
+    assert_eq!(calls_seen(&count, "app-c", &trap_on_2).await, Ok(1));
+    let failure = calls_seen(&count, "app-c", &trap_on_2).await.unwrap_err();
+    assert!(
+        matches!(&failure, PluginFailure::Trapped(m) if m.contains("told to panic on call 2")),
+        "{failure:?}"
+    );
+    assert_eq!(calls_seen(&count, "app-c", &trap_on_2).await, Ok(1));
+
+    // An instance whose memory grew past half its cap is not kept.
+    let hold = cfg(&[("hold_mib", "20")]);
+    assert_eq!(calls_seen(&count, "app-d", &hold).await, Ok(1));
+    assert_eq!(calls_seen(&count, "app-d", &hold).await, Ok(1));
+
+    // Dropping a plugin version (a reload replaces it) drops its instances.
+    assert!(warm.warm_instances() > 0);
+    drop(count);
+    assert_eq!(warm.warm_instances(), 0);
+
+    // max_reuse = 1, or no warm pool at all: a fresh instance every call.
+    let fresh = warm
+        .load(
+            "count",
+            &plugin("call-count"),
+            limits(1),
+            FailurePolicy::Fail,
+        )
+        .unwrap();
+    let cold = engine(0)
+        .load(
+            "count",
+            &plugin("call-count"),
+            limits(1000),
+            FailurePolicy::Fail,
+        )
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(calls_seen(&fresh, "app-a", &[]).await, Ok(1));
+        assert_eq!(calls_seen(&cold, "app-a", &[]).await, Ok(1));
+    }
 }

@@ -134,6 +134,7 @@ async fn test(
         fuel: None,
         max_memory: settings.wasm.max_memory,
         max_output: 1 << 20,
+        max_reuse: 1,
     };
     let loaded =
         engine(settings)?.load("test", plugin, limits, crate::plugin::FailurePolicy::Fail)?;
@@ -219,6 +220,7 @@ fn inspect(settings: &Settings, plugin: &Path) -> anyhow::Result<()> {
         fuel: None,
         max_memory: settings.wasm.max_memory,
         max_output: 1 << 20,
+        max_reuse: 1,
     };
     match engine.load_bytes(
         "inspect",

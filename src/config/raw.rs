@@ -33,12 +33,14 @@ pub struct RawWasm {
     /// "auto": the user's cache directory; "": no cache; else a path.
     pub cache_dir: String,
     pub max_instances: u32,
+    pub warm_instances: u32,
     #[serde(with = "humantime_serde")]
     pub deadline: Duration,
     /// Instruction budget per call; 0 turns fuel metering off.
     pub fuel: u64,
     pub max_memory: usize,
     pub max_output: usize,
+    pub max_reuse: u32,
     pub on_failure: crate::plugin::FailurePolicy,
     /// How often plugin files are checked for replacement.
     #[serde(with = "humantime_serde")]
@@ -55,6 +57,7 @@ pub struct RawPlugin {
     pub fuel: Option<u64>,
     pub max_memory: Option<usize>,
     pub max_output: Option<usize>,
+    pub max_reuse: Option<u32>,
     pub on_failure: Option<crate::plugin::FailurePolicy>,
 }
 

@@ -278,6 +278,12 @@ fn build_plugins(
     if wasm.deadline.is_zero() {
         c.fail("wasm.deadline", "must be longer than zero");
     }
+    if wasm.max_reuse == 0 {
+        c.fail(
+            "wasm.max_reuse",
+            "must be at least 1 (1: a fresh instance per call)",
+        );
+    }
     if wasm.watch_interval.is_zero() {
         c.fail("wasm.watch_interval", "must be longer than zero");
     }
@@ -300,6 +306,12 @@ fn build_plugins(
         if deadline.is_zero() {
             c.fail(format!("{path}.deadline"), "must be longer than zero");
         }
+        if p.max_reuse == Some(0) {
+            c.fail(
+                format!("{path}.max_reuse"),
+                "must be at least 1 (1: a fresh instance per call)",
+            );
+        }
         let fuel = p.fuel.unwrap_or(wasm.fuel);
         if p.fuel.is_some_and(|f| f > 0) && wasm.fuel == 0 {
             c.fail(
@@ -315,6 +327,7 @@ fn build_plugins(
                 fuel: (fuel > 0).then_some(fuel),
                 max_memory: p.max_memory.unwrap_or(wasm.max_memory),
                 max_output: p.max_output.unwrap_or(wasm.max_output),
+                max_reuse: p.max_reuse.unwrap_or(wasm.max_reuse),
             },
             policy: p.on_failure.unwrap_or(wasm.on_failure),
         });
@@ -333,6 +346,7 @@ fn build_plugins(
     let engine = EngineSettings {
         cache_dir,
         max_instances: wasm.max_instances,
+        warm_instances: wasm.warm_instances,
         max_memory: specs
             .iter()
             .map(|s| s.limits.max_memory)

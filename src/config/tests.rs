@@ -277,3 +277,46 @@ fn the_built_in_defaults_are_valid() {
     assert!(table.contains_key("redis") && table.contains_key("retry"));
     assert!(load("").is_ok());
 }
+
+#[test]
+fn instance_reuse_has_defaults_per_plugin_overrides_and_a_floor() {
+    let s = load(
+        r#"
+[plugins.fresh]
+path = "fresh.wasm"
+max_reuse = 1
+[plugins.warm]
+path = "warm.wasm"
+"#,
+    )
+    .unwrap();
+    let reuse = |name: &str| {
+        s.plugins
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.limits.max_reuse)
+    };
+    assert_eq!(reuse("fresh"), Some(1));
+    assert_eq!(reuse("warm"), Some(1000), "the built-in default");
+    assert_eq!(s.wasm.warm_instances, 64);
+
+    let p = problems(
+        r#"
+[wasm]
+max_reuse = 0
+[plugins.x]
+path = "x.wasm"
+max_reuse = 0
+"#,
+    );
+    assert!(
+        p.iter()
+            .any(|x| x.starts_with("wasm.max_reuse: must be at least 1")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|x| x.starts_with("plugins.x.max_reuse: must be at least 1")),
+        "{p:?}"
+    );
+}

@@ -3,26 +3,31 @@
 //! One [`PluginEngine`] per process (one wasmtime `Engine` with a pooling
 //! allocator and epoch interruption, one `Linker` with the `log` import and a
 //! denying WASI context). Each plugin is compiled once (or loaded from the
-//! on-disk cache), checked against the `plugin` world and pre-instantiated;
-//! every call gets a fresh `Store` with its own deadline, memory cap and
-//! optional fuel, so no state crosses from one event, or one app, to the next.
+//! on-disk cache), checked against the `plugin` world and pre-instantiated.
+//! A call runs in its own `Store` (deadline, memory cap, optional fuel):
+//! either a fresh instance, or a warm one that served earlier calls of the
+//! same plugin version for the same app (see [`warm`] for what makes that
+//! safe). No state ever crosses from one app to another.
 
 mod bindings;
 mod cache;
 mod registry;
 mod state;
+mod warm;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
-use self::bindings::PluginWorldPre;
 use self::bindings::types as wit;
+use self::bindings::{PluginWorld, PluginWorldPre};
 pub use self::registry::{PluginSpec, PluginStage, Registry};
 use self::state::State;
+use self::warm::{Warm, WarmPool};
 use crate::event::Event;
 use crate::pipeline::{Decision, Message, RouteTarget};
 
@@ -40,6 +45,9 @@ pub struct Limits {
     pub max_memory: usize,
     /// Total size of the payloads a decision returns, in bytes.
     pub max_output: usize,
+    /// Calls one instance may serve (for one app) before it is replaced;
+    /// 1: a fresh instance for every call.
+    pub max_reuse: u32,
 }
 
 /// What happens to the job when a plugin traps, times out, breaks a limit or
@@ -96,9 +104,10 @@ pub enum LoadError {
 pub struct EngineSettings {
     /// Where precompiled plugins are kept; None: compile on every start.
     pub cache_dir: Option<PathBuf>,
-    /// Instances the pool holds (calls are synchronous on the worker's
-    /// threads, so at most one per thread is live at a time).
+    /// Calls in flight at once (each holds an instance).
     pub max_instances: u32,
+    /// Idle instances kept warm for reuse, over all plugins and apps; 0: none.
+    pub warm_instances: u32,
     /// Largest memory any plugin may have (the pool's slot size).
     pub max_memory: usize,
     /// Whether fuel metering is on (costs time on every call).
@@ -113,6 +122,7 @@ pub struct PluginEngine {
     cache_dir: Option<PathBuf>,
     fuel: bool,
     slots: Arc<Slots>,
+    warm: Arc<WarmPool>,
 }
 
 /// Admission to the instance pool: a call waits for a free slot rather than
@@ -123,10 +133,13 @@ impl PluginEngine {
     pub fn new(settings: &EngineSettings) -> anyhow::Result<Self> {
         let mut pool = PoolingAllocationConfig::default();
         let n = settings.max_instances.max(4);
-        pool.total_component_instances(n)
-            .total_core_instances(n * 4)
-            .total_memories(n * 2)
-            .total_tables(n * 4)
+        // Idle warm instances have their own room, so they never hold a slot
+        // a call is waiting for.
+        let total = n + settings.warm_instances;
+        pool.total_component_instances(total)
+            .total_core_instances(total * 4)
+            .total_memories(total * 2)
+            .total_tables(total * 4)
             .max_memory_size(settings.max_memory)
             .linear_memory_keep_resident(256 * 1024)
             .table_keep_resident(16 * 1024);
@@ -155,6 +168,7 @@ impl PluginEngine {
             cache_dir: settings.cache_dir.clone(),
             fuel: settings.fuel,
             slots: Arc::new(Slots::new(n as usize)),
+            warm: Arc::new(WarmPool::new(settings.warm_instances as usize)),
         })
     }
 
@@ -198,18 +212,30 @@ impl PluginEngine {
             .map_err(|e| wrong_world(format!("{e:#}")))?;
         let pre = PluginWorldPre::new(pre).map_err(|e| wrong_world(format!("{e:#}")))?;
         Ok(Plugin {
+            uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
             name: name.into(),
             path: path.into(),
             hash,
             pre,
             limits: Limits {
                 fuel: if self.fuel { limits.fuel } else { None },
+                max_reuse: if self.warm.capacity() == 0 {
+                    1
+                } else {
+                    limits.max_reuse.max(1)
+                },
                 ..limits
             },
             policy,
             engine: self.engine.clone(),
             slots: self.slots.clone(),
+            warm: self.warm.clone(),
         })
+    }
+
+    /// Idle warm instances held now, over all plugins and apps.
+    pub fn warm_instances(&self) -> usize {
+        self.warm.len()
     }
 
     /// What a component imports and exports, as text (`plugin inspect`).
@@ -228,8 +254,12 @@ impl PluginEngine {
     }
 }
 
+/// Tells loaded plugin versions apart (warm instances are kept per version).
+static NEXT_UID: AtomicU64 = AtomicU64::new(1);
+
 /// A compiled, checked, pre-instantiated plugin.
 pub struct Plugin {
+    uid: u64,
     pub name: Arc<str>,
     pub path: PathBuf,
     /// SHA-256 of the component file.
@@ -239,6 +269,14 @@ pub struct Plugin {
     pub policy: FailurePolicy,
     engine: Engine,
     slots: Arc<Slots>,
+    warm: Arc<WarmPool>,
+}
+
+impl Drop for Plugin {
+    /// A replaced or removed version's warm instances go with it.
+    fn drop(&mut self) {
+        self.warm.purge(self.uid);
+    }
 }
 
 /// The event as a plugin sees it.
@@ -263,9 +301,9 @@ pub struct Called {
 }
 
 impl Plugin {
-    /// Runs the plugin once, in a fresh store, on the calling task: the
-    /// guest yields to the runtime at its epoch checks, and the deadline
-    /// interrupts it.
+    /// Runs the plugin once on the calling task, on a warm instance of this
+    /// app's if one is idle, else on a fresh one: the guest yields to the
+    /// runtime at its epoch checks, and the deadline interrupts it.
     pub async fn call(&self, input: &PluginInput<'_>, config: &[(String, String)]) -> Called {
         // The deadline starts once an instance slot is ours.
         let _slot = self
@@ -274,18 +312,29 @@ impl Plugin {
             .await
             .expect("the slot semaphore is never closed");
         let started = Instant::now();
-        let (state, stderr) = State::new(self.name.clone(), input.app_id, self.limits.max_memory);
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| &mut s.limiter);
+        let (mut store, instance, calls) = match self.warm.take(self.uid, input.app_id) {
+            Some(warm) => (warm.store, Some(warm.instance), warm.calls),
+            None => {
+                let state = State::new(
+                    self.name.clone(),
+                    input.app_id.into(),
+                    self.limits.max_memory,
+                );
+                let mut store = Store::new(&self.engine, state);
+                store.limiter(|s| &mut s.limiter);
+                store.epoch_deadline_trap();
+                (store, None, 0)
+            }
+        };
+        store.data_mut().begin_call();
         let ticks = (self.limits.deadline.as_nanos() / TICK.as_nanos()).max(1) as u64;
         store.set_epoch_deadline(ticks + 1);
-        store.epoch_deadline_trap();
         if let Some(fuel) = self.limits.fuel {
             // Cannot fail: fuel is on whenever a budget is set.
             let _ = store.set_fuel(fuel);
         }
-        let decision = self.run(&mut store, input, config).await;
-        let stderr = String::from_utf8_lossy(&stderr.contents())
+        let (instance, decision) = self.run(&mut store, instance, input, config).await;
+        let stderr = String::from_utf8_lossy(&store.data().stderr.contents())
             .trim()
             .to_string();
         let decision = decision.map_err(|failure| match failure {
@@ -294,24 +343,45 @@ impl Plugin {
             }
             other => other,
         });
+        let elapsed = started.elapsed();
+        let clean = matches!(decision, Ok(_) | Err(PluginFailure::Rejected(_)));
+        let calls = calls + 1;
+        if let Some(instance) = instance
+            && clean
+            && stderr.is_empty()
+            && calls < self.limits.max_reuse
+            && store.data().limiter.peak <= self.limits.max_memory / 2
+        {
+            let warm = Warm {
+                store,
+                instance,
+                calls,
+            };
+            self.warm.put(self.uid, input.app_id.into(), warm);
+        }
         Called {
             decision,
-            elapsed: started.elapsed(),
+            elapsed,
             stderr,
         }
     }
 
+    /// Instantiates (unless warm) and calls; also gives back the instance
+    /// when it was instantiated.
     async fn run(
         &self,
         store: &mut Store<State>,
+        warm: Option<PluginWorld>,
         input: &PluginInput<'_>,
         config: &[(String, String)],
-    ) -> Result<Decision, PluginFailure> {
-        let instance = self
-            .pre
-            .instantiate_async(&mut *store)
-            .await
-            .map_err(|e| self.classify(store, e, true))?;
+    ) -> (Option<PluginWorld>, Result<Decision, PluginFailure>) {
+        let instance = match warm {
+            Some(instance) => instance,
+            None => match self.pre.instantiate_async(&mut *store).await {
+                Ok(instance) => instance,
+                Err(e) => return (None, Err(self.classify(store, e, true))),
+            },
+        };
         let event = wit::Event {
             id: input.id.to_string(),
             app_id: input.app_id.to_string(),
@@ -331,14 +401,12 @@ impl Plugin {
             endpoint: input.endpoint.map(str::to_string),
         };
         let config = pairs(config);
-        let result = instance
-            .call_handle(&mut *store, &event, &config)
-            .await
-            .map_err(|e| self.classify(store, e, false))?;
-        match result {
-            Ok(decision) => self.convert(decision),
-            Err(e) => Err(PluginFailure::Rejected(e.message)),
-        }
+        let decision = match instance.call_handle(&mut *store, &event, &config).await {
+            Ok(Ok(decision)) => self.convert(decision, (&event.payload, input.event)),
+            Ok(Err(e)) => Err(PluginFailure::Rejected(e.message)),
+            Err(e) => Err(self.classify(store, e, false)),
+        };
+        (Some(instance), decision)
     }
 
     /// Tells a trap from a timeout, a fuel or memory limit.
@@ -360,7 +428,15 @@ impl Plugin {
         }
     }
 
-    fn convert(&self, decision: wit::Decision) -> Result<Decision, PluginFailure> {
+    /// Checks and converts a decision. `input` is the payload as the guest
+    /// got it, and its event: a payload returned unchanged is not parsed
+    /// again.
+    fn convert(
+        &self,
+        decision: wit::Decision,
+        input: (&str, &Event),
+    ) -> Result<Decision, PluginFailure> {
+        let lift = |m| message(m, input);
         let size = match &decision {
             wit::Decision::Transform(m) => m.payload.len(),
             wit::Decision::Route(targets) => targets
@@ -380,14 +456,14 @@ impl Plugin {
         Ok(match decision {
             wit::Decision::Keep => Decision::Keep,
             wit::Decision::Drop(reason) => Decision::Drop(reason),
-            wit::Decision::Transform(m) => Decision::Transform(message(m)?),
+            wit::Decision::Transform(m) => Decision::Transform(lift(m)?),
             wit::Decision::Route(targets) => Decision::Route(
                 targets
                     .into_iter()
                     .map(|t| {
                         Ok(RouteTarget {
                             endpoint: t.endpoint,
-                            message: t.message.map(message).transpose()?,
+                            message: t.message.map(lift).transpose()?,
                         })
                     })
                     .collect::<Result<_, PluginFailure>>()?,
@@ -406,11 +482,12 @@ fn pairs(items: &[(String, String)]) -> Vec<wit::Pair> {
         .collect()
 }
 
-fn message(m: wit::Message) -> Result<Message, PluginFailure> {
-    let value: serde_json::Value = serde_json::from_str(&m.payload)
-        .map_err(|e| PluginFailure::BadOutput(format!("payload is not JSON: {e}")))?;
-    let event = Event::from_json(value)
-        .map_err(|e| PluginFailure::BadOutput(format!("payload is not an event: {e}")))?;
+fn message(m: wit::Message, (text, event): (&str, &Event)) -> Result<Message, PluginFailure> {
+    let event = if m.payload == text {
+        event.clone()
+    } else {
+        parse_event(&m.payload)?
+    };
     Ok(Message {
         event,
         headers: m
@@ -420,6 +497,13 @@ fn message(m: wit::Message) -> Result<Message, PluginFailure> {
             .collect(),
         metadata: m.metadata.into_iter().map(|p| (p.key, p.value)).collect(),
     })
+}
+
+fn parse_event(payload: &str) -> Result<Event, PluginFailure> {
+    let value: serde_json::Value = serde_json::from_str(payload)
+        .map_err(|e| PluginFailure::BadOutput(format!("payload is not JSON: {e}")))?;
+    Event::from_json(value)
+        .map_err(|e| PluginFailure::BadOutput(format!("payload is not an event: {e}")))
 }
 
 /// Loads every configured plugin and builds the app and endpoint chains.

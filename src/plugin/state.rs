@@ -20,6 +20,8 @@ const LOG_LINE_CAP: usize = 2048;
 
 pub(crate) struct State {
     wasi: WasiCtx,
+    /// What the guest wrote to stderr (panic messages), capped.
+    pub(super) stderr: MemoryOutputPipe,
     table: ResourceTable,
     pub(super) limiter: Limiter,
     plugin: Arc<str>,
@@ -28,24 +30,31 @@ pub(crate) struct State {
 }
 
 impl State {
-    pub(super) fn new(plugin: Arc<str>, app: &str, max_memory: usize) -> (State, MemoryOutputPipe) {
+    pub(super) fn new(plugin: Arc<str>, app: Arc<str>, max_memory: usize) -> State {
         let stderr = MemoryOutputPipe::new(STDERR_CAP);
         let wasi = WasiCtx::builder()
             .stderr(stderr.clone())
             .insecure_random_seed(0)
             .build();
-        let state = State {
+        State {
             wasi,
+            stderr,
             table: ResourceTable::new(),
             limiter: Limiter {
                 max_memory,
                 hit: false,
+                peak: 0,
             },
             plugin,
-            app: app.into(),
+            app,
             logged: 0,
-        };
-        (state, stderr)
+        }
+    }
+
+    /// Resets what is counted per call (a warm instance serves many).
+    pub(super) fn begin_call(&mut self) {
+        self.limiter.hit = false;
+        self.logged = 0;
     }
 }
 
@@ -63,6 +72,8 @@ impl WasiView for State {
 pub(crate) struct Limiter {
     max_memory: usize,
     pub(super) hit: bool,
+    /// Largest linear memory granted so far, in bytes.
+    pub(super) peak: usize,
 }
 
 impl ResourceLimiter for Limiter {
@@ -76,6 +87,7 @@ impl ResourceLimiter for Limiter {
             self.hit = true;
             return Ok(false);
         }
+        self.peak = self.peak.max(desired);
         Ok(true)
     }
 

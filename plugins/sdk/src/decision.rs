@@ -77,7 +77,7 @@ pub struct Message {
 impl Message {
     /// A message with this payload and no headers or metadata.
     pub fn new(payload: &Value) -> Self {
-        Message::raw(payload.to_string())
+        Message::raw(crate::json::compact(payload))
     }
 
     /// A message whose payload is already JSON text (passed as is).
