@@ -995,3 +995,44 @@ async fn warm_instances_serve_one_app_only_and_are_retired_when_they_must_be() {
         assert_eq!(calls_seen(&cold, "app-a", &[]).await, Ok(1));
     }
 }
+
+/// The plugin kit's own unit tests (the SDK, the example and test plugins),
+/// run natively with `cargo test` in `plugins/`, so the whole suite is one
+/// command.
+#[test]
+fn the_plugin_kits_own_unit_tests_pass() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["test", "--workspace"])
+        .current_dir(&root)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .expect("cargo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "cargo test in plugins/ failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (passed, ignored) = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("test result: ok. "))
+        .map(|l| {
+            let n = |key: &str| -> u32 {
+                l.split("; ")
+                    .find_map(|part| part.strip_suffix(key))
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            (n(" passed"), n(" ignored"))
+        })
+        .fold((0, 0), |(p, i), (dp, di)| (p + dp, i + di));
+    assert!(
+        passed >= 30,
+        "only {passed} plugin-kit tests ran:\n{stdout}"
+    );
+    assert_eq!(ignored, 0, "no plugin-kit test may be skipped:\n{stdout}");
+}

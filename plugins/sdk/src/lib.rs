@@ -3,7 +3,7 @@
 //! Write a wasmhook plugin (a WebAssembly component implementing the
 //! `wasmhook:plugin/plugin` world of `wit/plugin.wit`) in a few lines:
 //!
-//! ```ignore
+//! ```no_run
 //! use wasmhook_plugin_sdk::{Decision, Error, Event, Plugin, export_plugin};
 //!
 //! struct Shout;
@@ -42,9 +42,11 @@ pub use serde_json::{self, Map, Value, json};
 /// A wasmhook plugin.
 ///
 /// The worker calls [`Plugin::handle`] once per event (app-level chain) or once
-/// per event and endpoint (endpoint-level chain), in a fresh sandbox each time:
-/// no state survives between calls. Implement it on a unit struct and export it
-/// with [`export_plugin!`].
+/// per event and endpoint (endpoint-level chain), in a sandbox that only ever
+/// serves one app. The host may reuse an instance for several calls of the
+/// same app, so globals can hold what an earlier event left there; do not rely
+/// on it either way (keep per-event state in locals). Implement it on a unit
+/// struct and export it with [`export_plugin!`].
 ///
 /// Returning `Err` reports a plugin error (the message is kept in the job's
 /// history and the plugin's failure policy applies); a panic is a trap.
@@ -57,10 +59,18 @@ pub trait Plugin {
 /// Exports a type implementing [`Plugin`] as the component's `handle`
 /// function. Use it exactly once, at the top level of a `cdylib` crate.
 ///
-/// ```ignore
+/// ```no_run
+/// use wasmhook_plugin_sdk::{Decision, Error, Event, Plugin, export_plugin};
+///
 /// struct MyPlugin;
-/// impl wasmhook_plugin_sdk::Plugin for MyPlugin { /* ... */ }
-/// wasmhook_plugin_sdk::export_plugin!(MyPlugin);
+///
+/// impl Plugin for MyPlugin {
+///     fn handle(_event: Event) -> Result<Decision, Error> {
+///         Ok(Decision::keep())
+///     }
+/// }
+///
+/// export_plugin!(MyPlugin);
 /// ```
 #[macro_export]
 macro_rules! export_plugin {
