@@ -870,6 +870,21 @@ async fn a_fuel_budget_stops_a_plugin_deterministically() {
     for _ in 0..5 {
         assert!(tagging.call(&input, &[]).await.decision.is_ok());
     }
+    // A plugin with no budget of its own (`fuel = 0`) on a metering engine
+    // is not starved.
+    let unmetered = engine
+        .load(
+            "free",
+            &plugin("add-field"),
+            Limits {
+                fuel: None,
+                ..limits(1)
+            },
+            FailurePolicy::Fail,
+        )
+        .unwrap();
+    let called = unmetered.call(&input, &[]).await;
+    assert!(called.decision.is_ok(), "{:?}", called.decision);
 }
 
 /// `calls` as the call-count plugin saw it: how many calls its instance has

@@ -329,10 +329,9 @@ impl Plugin {
         store.data_mut().begin_call();
         let ticks = (self.limits.deadline.as_nanos() / TICK.as_nanos()).max(1) as u64;
         store.set_epoch_deadline(ticks + 1);
-        if let Some(fuel) = self.limits.fuel {
-            // Cannot fail: fuel is on whenever a budget is set.
-            let _ = store.set_fuel(fuel);
-        }
+        // With metering on, a plugin without a budget of its own gets all
+        // the fuel there is; with metering off this is an error, ignored.
+        let _ = store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX));
         let (instance, decision) = self.run(&mut store, instance, input, config).await;
         let stderr = String::from_utf8_lossy(&store.data().stderr.contents())
             .trim()
