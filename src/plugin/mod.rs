@@ -228,6 +228,7 @@ impl PluginEngine {
             },
             policy,
             engine: self.engine.clone(),
+            metered: self.fuel,
             slots: self.slots.clone(),
             warm: self.warm.clone(),
         })
@@ -268,6 +269,8 @@ pub struct Plugin {
     pub limits: Limits,
     pub policy: FailurePolicy,
     engine: Engine,
+    /// Whether the engine meters fuel.
+    metered: bool,
     slots: Arc<Slots>,
     warm: Arc<WarmPool>,
 }
@@ -329,9 +332,11 @@ impl Plugin {
         store.data_mut().begin_call();
         let ticks = (self.limits.deadline.as_nanos() / TICK.as_nanos()).max(1) as u64;
         store.set_epoch_deadline(ticks + 1);
-        // With metering on, a plugin without a budget of its own gets all
-        // the fuel there is; with metering off this is an error, ignored.
-        let _ = store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX));
+        if self.metered {
+            // A plugin without a budget of its own gets all the fuel there
+            // is. Cannot fail: the engine meters fuel.
+            let _ = store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX));
+        }
         let (instance, decision) = self.run(&mut store, instance, input, config).await;
         let stderr = String::from_utf8_lossy(&store.data().stderr.contents())
             .trim()
