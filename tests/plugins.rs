@@ -1016,16 +1016,7 @@ async fn warm_instances_serve_one_app_only_and_are_retired_when_they_must_be() {
 /// command.
 #[test]
 fn the_plugin_kits_own_unit_tests_pass() {
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = std::process::Command::new(cargo)
-        .args(["test", "--workspace"])
-        .current_dir(&root)
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_TARGET_DIR")
-        .output()
-        .expect("cargo runs");
+    let out = plugins_cargo(&["test", "--workspace"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

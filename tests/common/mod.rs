@@ -514,27 +514,36 @@ pub async fn post_events(
     )
 }
 
+/// The plugin kit's own workspace.
+pub fn plugins_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins")
+}
+
+/// Runs cargo in `plugins/`, free of this build's flags and target dir.
+pub fn plugins_cargo(args: &[&str]) -> std::process::Output {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    std::process::Command::new(cargo)
+        .args(args)
+        .current_dir(plugins_dir())
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .expect("cargo runs")
+}
+
 /// A plugin component built from `plugins/` (the whole workspace is built
 /// once per test process; cargo's lock serializes concurrent builds).
 pub fn plugin(name: &str) -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let dir = BUILT.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = std::process::Command::new(cargo)
-            .args(["build", "--release", "--target", "wasm32-wasip2"])
-            .current_dir(&root)
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env_remove("CARGO_TARGET_DIR")
-            .output()
-            .expect("cargo runs");
+        let out = plugins_cargo(&["build", "--release", "--target", "wasm32-wasip2"]);
         assert!(
             out.status.success(),
             "building plugins/ failed (rustup target add wasm32-wasip2?):\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        root.join("target/wasm32-wasip2/release")
+        plugins_dir().join("target/wasm32-wasip2/release")
     });
     let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
     assert!(path.exists(), "no plugin {name} at {}", path.display());
