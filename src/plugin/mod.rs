@@ -219,11 +219,7 @@ impl PluginEngine {
             pre,
             limits: Limits {
                 fuel: if self.fuel { limits.fuel } else { None },
-                max_reuse: if self.warm.capacity() == 0 {
-                    1
-                } else {
-                    limits.max_reuse.max(1)
-                },
+                max_reuse: limits.max_reuse.max(1),
                 ..limits
             },
             policy,
@@ -361,7 +357,8 @@ impl Plugin {
                 instance,
                 calls,
             };
-            self.warm.put(self.uid, input.app_id.into(), warm);
+            let app = warm.store.data().app.clone();
+            self.warm.put(self.uid, app, warm);
         }
         Called {
             decision,

@@ -25,7 +25,8 @@ pub(crate) struct State {
     table: ResourceTable,
     pub(super) limiter: Limiter,
     plugin: Arc<str>,
-    app: Arc<str>,
+    /// The one app this store's instance serves.
+    pub(super) app: Arc<str>,
     logged: u32,
 }
 

@@ -53,10 +53,6 @@ impl WarmPool {
         }
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// The most recently returned idle instance of this plugin version for
     /// this app, if any.
     pub fn take(&self, plugin: u64, app: &str) -> Option<Warm> {
