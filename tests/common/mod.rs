@@ -205,32 +205,26 @@ impl Receiver {
         format!("{}/{path}", self.base)
     }
 
+    /// Changes how `path` answers.
+    fn edit(&self, path: &str, change: impl FnOnce(&mut Script)) {
+        let mut i = self.inner.lock().unwrap();
+        change(i.scripts.entry(path.to_string()).or_default());
+    }
+
     /// Answer these statuses in order, then `then`.
     pub fn script(&self, path: &str, replies: &[u16], then: u16) {
-        let mut i = self.inner.lock().unwrap();
-        let s = i.scripts.entry(path.to_string()).or_default();
-        s.replies = replies.iter().copied().collect();
-        s.fallback = Some(then);
+        self.edit(path, |s| {
+            s.replies = replies.iter().copied().collect();
+            s.fallback = Some(then);
+        });
     }
 
     pub fn delay(&self, path: &str, delay: Duration) {
-        self.inner
-            .lock()
-            .unwrap()
-            .scripts
-            .entry(path.to_string())
-            .or_default()
-            .delay = delay;
+        self.edit(path, |s| s.delay = delay);
     }
 
     pub fn retry_after(&self, path: &str, value: &str) {
-        self.inner
-            .lock()
-            .unwrap()
-            .scripts
-            .entry(path.to_string())
-            .or_default()
-            .retry_after = Some(value.to_string());
+        self.edit(path, |s| s.retry_after = Some(value.to_string()));
     }
 
     pub fn received(&self, path: &str) -> Vec<Received> {
