@@ -43,7 +43,7 @@ use wasmhook::event::{Event, Job, now_ms};
 use wasmhook::queue::Queue;
 use wasmhook::service;
 
-/// The queue every bench event goes to (queues are keyed by event type).
+/// The event type of every bench event.
 const QUEUE: &str = "client_event";
 const APP_ID: &str = "bench";
 /// Jobs per enqueue call (one pipelined round trip).
@@ -317,7 +317,7 @@ async fn run(args: &Args, prefix: &str) -> anyhow::Result<Report> {
     }
     let shutdown = stopping.elapsed();
 
-    let stats = queue.stats(QUEUE).await.unwrap_or_default();
+    let stats = queue.stats().await.unwrap_or_default();
     let got = |k: &str| stats.get(k).copied().unwrap_or(0);
     if finished_at.is_some() && got("delivered") != n {
         problems.push(format!(
@@ -397,12 +397,7 @@ fn bar(len: u64, what: &str) -> ProgressBar {
 }
 
 async fn delivered(queue: &Queue) -> anyhow::Result<u64> {
-    Ok(queue
-        .stats(QUEUE)
-        .await?
-        .get("delivered")
-        .copied()
-        .unwrap_or(0))
+    Ok(queue.stats().await?.get("delivered").copied().unwrap_or(0))
 }
 
 // ---------------------------------------------------------------------------
@@ -516,8 +511,11 @@ listen = "127.0.0.1:0"
 echo = false
 
 [queues]
-names = ["{QUEUE}"]
 concurrency = {concurrency}
+app_max_in_flight = {concurrency}
+
+[delivery]
+max_in_flight = {concurrency}
 
 [[apps]]
 id = "{APP_ID}"
@@ -567,15 +565,10 @@ fn sample_event() -> anyhow::Result<Event> {
 
 async fn enqueue_batch(queue: &Queue, event: &Event, k: usize) -> anyhow::Result<()> {
     let created_ms = now_ms();
-    let jobs: Vec<(String, Job)> = (0..k)
-        .map(|_| {
-            (
-                QUEUE.to_string(),
-                Job::new(APP_ID, event.clone(), created_ms),
-            )
-        })
+    let jobs: Vec<Job> = (0..k)
+        .map(|_| Job::new(APP_ID, event.clone(), created_ms))
         .collect();
-    queue.enqueue(&jobs).await.context("enqueueing")?;
+    queue.enqueue(APP_ID, &jobs).await.context("enqueueing")?;
     Ok(())
 }
 

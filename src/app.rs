@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::delivery::retry::RetryPolicy;
 use crate::pipeline::route::ChannelFilter;
+use crate::ratelimit::RateLimit;
 use crate::signing::standard::StandardKey;
 
 /// A secret value: compared and used, never printed.
@@ -77,6 +78,10 @@ pub struct Endpoint {
     pub headers: Vec<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
     pub timeout: Duration,
     pub retry: RetryPolicy,
+    /// Jobs for it in flight on one worker.
+    pub max_in_flight: usize,
+    /// Held by every worker together.
+    pub rate_limit: Option<RateLimit>,
     /// The endpoint's chain: runs on every attempt, after routing.
     pub plugins: Vec<PluginRef>,
 }
@@ -105,6 +110,10 @@ pub struct App {
     /// The first signs `pusher` endpoints; more than one during rotation.
     pub secrets: Vec<Secret>,
     pub ingest_token: Secret,
+    /// Its share of turns relative to other apps.
+    pub weight: u32,
+    /// Its jobs in flight on one worker.
+    pub max_in_flight: usize,
     pub endpoints: Vec<Arc<Endpoint>>,
     /// The app's chain: runs once per event, before fan-out.
     pub plugins: Vec<PluginRef>,

@@ -4,9 +4,11 @@
 //! until it lands or is dead-lettered.
 //!
 //! The flow, module by module (ARCHITECTURE.md has the long form):
-//! [`ingest`] → [`queue`] → [`worker`] → [`pipeline`] → [`signing`] → [`delivery`].
+//! [`ingest`] → [`queue`] → [`worker`] ([`scheduler`]) → [`pipeline`] → [`signing`] →
+//! [`delivery`]; [`breaker`] and [`ratelimit`] guard endpoints.
 
 pub mod app;
+pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod delivery;
@@ -16,6 +18,8 @@ pub mod pipeline;
 pub mod plugin;
 pub mod producer;
 pub mod queue;
+pub mod ratelimit;
+pub mod scheduler;
 pub mod service;
 pub mod signing;
 pub mod telemetry;

@@ -9,29 +9,21 @@
 //! # Ok(()) }
 //! ```
 
-use crate::config::QueueKey;
 use crate::event::{Event, Job, now_ms};
-use crate::queue::{Keys, Queue, RedisQueue};
+use crate::queue::{Keys, Queue, QueueOptions, RedisQueue};
 
 pub struct Producer {
     queue: Queue,
-    key: QueueKey,
 }
 
 impl Producer {
-    /// Producer for queues keyed by event type (the default).
     pub fn connect(redis_url: &str, prefix: &str) -> anyhow::Result<Self> {
-        Self::with_queue_key(redis_url, prefix, QueueKey::EventType)
-    }
-
-    pub fn with_queue_key(redis_url: &str, prefix: &str, key: QueueKey) -> anyhow::Result<Self> {
         Ok(Producer {
             queue: Queue::Redis(RedisQueue::connect(
                 redis_url,
                 Keys::new(prefix),
-                Vec::new(),
+                QueueOptions::default(),
             )?),
-            key,
         })
     }
 
@@ -47,17 +39,15 @@ impl Producer {
         app_id: &str,
         events: Vec<serde_json::Value>,
     ) -> anyhow::Result<Vec<String>> {
+        if !crate::event::valid_name(app_id) {
+            anyhow::bail!("app id must be 1 to 200 characters of A-Z a-z 0-9 _ - . :");
+        }
         let created_ms = now_ms();
         let mut jobs = Vec::with_capacity(events.len());
         for value in events {
-            let event = Event::from_json(value)?;
-            let queue = match self.key {
-                QueueKey::EventType => event.name.clone(),
-                QueueKey::App => format!("app:{app_id}"),
-            };
-            jobs.push((queue, Job::new(app_id, event, created_ms)));
+            jobs.push(Job::new(app_id, Event::from_json(value)?, created_ms));
         }
-        self.queue.enqueue(&jobs).await?;
-        Ok(jobs.into_iter().map(|(_, j)| j.id).collect())
+        self.queue.enqueue(app_id, &jobs).await?;
+        Ok(jobs.into_iter().map(|j| j.id).collect())
     }
 }

@@ -28,13 +28,13 @@ pub enum Mode {
 /// The queue the settings name: Redis when `redis.url` is set, else the
 /// embedded in-memory one.
 pub fn open_queue(settings: &Settings) -> anyhow::Result<Queue> {
-    let known = settings.queues.known_queues(&settings.apps);
+    let options = settings.queue_options();
     Ok(match &settings.redis_url {
         Some(url) => Queue::Redis(
-            RedisQueue::connect(url, settings.keys.clone(), known)
+            RedisQueue::connect(url, settings.keys.clone(), options)
                 .context("connecting to Redis")?,
         ),
-        None => Queue::Memory(MemoryQueue::new(known)),
+        None => Queue::Memory(MemoryQueue::new(options)),
     })
 }
 
@@ -99,7 +99,6 @@ pub async fn serve_with_reload(
         let state = Arc::new(Ingest {
             queue: queue.clone(),
             apps: settings.apps.clone().into(),
-            queues: settings.queues.clone(),
             server: settings.server.clone(),
         });
         ingest_state = Some(state.clone());
@@ -181,7 +180,7 @@ impl Reloader {
                             settings.apps.clone();
                     }
                     if let Some(worker) = &self.worker {
-                        worker.replace_tenants(tenants);
+                        worker.replace_tenants(&settings, tenants).await;
                     }
                     info!(
                         apps = settings.apps.len(),

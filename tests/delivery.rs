@@ -67,7 +67,7 @@ async fn delivers_to_pusher_and_standard_endpoints_with_verifiable_signatures() 
     assert_eq!(rx.received("pusher").len(), 1);
     assert_eq!(rx.received("std").len(), 1);
     let q = queue(&text);
-    let depth = q.depth("client_event").await.unwrap();
+    let depth = q.depth().await.unwrap();
     assert_eq!(
         (depth.ready, depth.in_flight, depth.delayed, depth.dead),
         (0, 0, 0, 0)
@@ -108,7 +108,7 @@ async fn a_500_is_retried_and_delivered_on_the_second_attempt() {
 
     let q = queue(&text);
     let stats = eventually("outcome recorded", WAIT, async || {
-        let s = q.stats("channel_occupied").await.unwrap();
+        let s = q.stats().await.unwrap();
         (s.get("delivered") == Some(&1)).then_some(s)
     })
     .await;
@@ -143,7 +143,7 @@ async fn retries_run_out_into_the_dead_letter_queue_with_every_attempt() {
     .await;
 
     let q = queue(&text);
-    let letters = dead_letters(&q, "member_added", 1).await;
+    let letters = dead_letters(&q, 1).await;
     assert_eq!(
         rx.received("down").len(),
         3,
@@ -189,7 +189,7 @@ async fn a_400_is_dead_lettered_at_once_and_replay_delivers_it_with_the_same_id(
     .await;
 
     let q = queue(&text);
-    let letters = dead_letters(&q, "client_event", 1).await;
+    let letters = dead_letters(&q, 1).await;
     assert_eq!(
         letters[0].1.attempts, 1,
         "a permanent failure is not retried"
@@ -225,11 +225,7 @@ async fn a_400_is_dead_lettered_at_once_and_replay_delivers_it_with_the_same_id(
     );
     verify_standard(&got[1], WHSEC);
     eventually("dead letter gone", WAIT, async || {
-        q.dead_letters("client_event", 10)
-            .await
-            .unwrap()
-            .is_empty()
-            .then_some(())
+        q.dead_letters(10).await.unwrap().is_empty().then_some(())
     })
     .await;
     let (ok, out, _) = run_cli(&path, &["dlq", "replay", &dlq_id]).await;
@@ -325,10 +321,7 @@ async fn event_types_and_soketi_filters_pick_the_endpoints() {
         ["private-a-orders", "private-eu-orders"]
     );
     let q = queue(&text);
-    assert_eq!(
-        q.stats("client_event").await.unwrap().get("unrouted"),
-        Some(&1)
-    );
+    assert_eq!(q.stats().await.unwrap().get("unrouted"), Some(&1));
     wh.shutdown().await;
 }
 
@@ -380,15 +373,15 @@ async fn retry_after_is_honoured_and_410_stops_an_endpoint() {
     )
     .await;
     let q = queue(&text);
-    let letters = dead_letters(&q, "cache_miss", 2).await;
+    let letters = dead_letters(&q, 2).await;
     let gone = letters
         .iter()
         .find(|(_, l)| l.reason.starts_with("endpoint is gone"))
         .expect("the 410 itself");
     let stopped = letters
         .iter()
-        .find(|(_, l)| l.reason.contains("410 Gone earlier"))
-        .expect("the event after it");
+        .find(|(_, l)| l.reason == "endpoint disabled: answered 410 Gone")
+        .unwrap_or_else(|| panic!("the event after it: {letters:?}"));
     assert_eq!(gone.1.status, Some(410));
     assert_eq!(
         rx.received("gone").len(),
@@ -396,7 +389,15 @@ async fn retry_after_is_honoured_and_410_stops_an_endpoint() {
         "nothing is sent to a gone endpoint"
     );
 
-    // Replaying clears the mark: the endpoint (now answering 200) gets it.
+    let states = q
+        .endpoints(&[(
+            "app-1".into(),
+            gone.1.job.as_ref().unwrap().endpoint.clone().unwrap(),
+        )])
+        .await
+        .unwrap();
+    assert_eq!(states[0].state, wasmhook::breaker::State::Disabled);
+    // Replaying enables it again: the endpoint (now answering 200) gets it.
     q.replay(&stopped.0).await.unwrap();
     let got = rx.wait_for("gone", 2, WAIT).await;
     assert_eq!(got[1].status, 200);
@@ -404,7 +405,7 @@ async fn retry_after_is_honoured_and_410_stops_an_endpoint() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_malformed_queue_entry_is_dead_lettered_and_the_next_job_still_flows() {
+async fn a_malformed_inbox_entry_is_dead_lettered_and_the_next_job_still_flows() {
     let redis = RedisServer::start();
     let rx = Receiver::start().await;
     let p = prefix("malformed");
@@ -417,7 +418,7 @@ async fn a_malformed_queue_entry_is_dead_lettered_and_the_next_job_still_flows()
     let wh = Running::start(&text, Mode::All).await;
 
     let mut conn = redis.conn();
-    let stream = format!("{p}:{{client_event}}:stream");
+    let stream = format!("{p}:{{0}}:inbox");
     let _: String = redis::cmd("XADD")
         .arg(&stream)
         .arg("*")
@@ -452,7 +453,7 @@ async fn a_malformed_queue_entry_is_dead_lettered_and_the_next_job_still_flows()
     verify_pusher(&got[0], "app-1-key", APP_SECRET);
     assert_eq!(got[0].json()["events"][0]["channel"], "private-a");
     let q = queue(&text);
-    let letters = dead_letters(&q, "client_event", 3).await;
+    let letters = dead_letters(&q, 3).await;
     // Jobs run concurrently: the letters may be in any order.
     let find = |prefix: &str| {
         letters
@@ -475,7 +476,7 @@ async fn a_malformed_queue_entry_is_dead_lettered_and_the_next_job_still_flows()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_rust_producer_api_and_per_app_queues() {
+async fn the_rust_producer_api() {
     let redis = RedisServer::start();
     let rx = Receiver::start().await;
     let p = prefix("producer");
@@ -484,15 +485,9 @@ async fn the_rust_producer_api_and_per_app_queues() {
         &p,
         "127.0.0.1:0",
         &app("app-1", &standard_endpoint(&rx.url("hook"))),
-    )
-    .replace("[queues]\n", "[queues]\nkey = \"app\"\n");
+    );
     let wh = Running::start(&text, Mode::Worker).await;
-    let producer = wasmhook::producer::Producer::with_queue_key(
-        &redis.url,
-        &p,
-        wasmhook::config::QueueKey::App,
-    )
-    .unwrap();
+    let producer = wasmhook::producer::Producer::connect(&redis.url, &p).unwrap();
     let ids = producer
         .send_many(
             "app-1",
@@ -510,10 +505,7 @@ async fn the_rust_producer_api_and_per_app_queues() {
     want.sort();
     assert_eq!(seen, want);
     let q = queue(&text);
-    assert_eq!(
-        q.stats("app:app-1").await.unwrap().get("delivered"),
-        Some(&2)
-    );
+    assert_eq!(q.stats().await.unwrap().get("delivered"), Some(&2));
     wh.shutdown().await;
 }
 
@@ -557,9 +549,9 @@ async fn a_job_for_an_endpoint_removed_from_the_config_is_dead_lettered() {
         now_ms(),
     );
     job.endpoint = Some("ep_removed".into());
-    q.enqueue(&[("client_event".into(), job)]).await.unwrap();
+    q.enqueue("app-1", &[job]).await.unwrap();
     let wh = Running::start(&text, Mode::Worker).await;
-    let letters = dead_letters(&q, "client_event", 1).await;
+    let letters = dead_letters(&q, 1).await;
     assert!(
         letters[0].1.reason.contains("no longer configured"),
         "{}",
@@ -569,7 +561,7 @@ async fn a_job_for_an_endpoint_removed_from_the_config_is_dead_lettered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_read_but_never_committed_is_handed_to_another_consumer() {
+async fn a_job_taken_but_never_committed_is_handed_out_again_after_the_lease() {
     let redis = RedisServer::start();
     let text = config(
         Some(&redis.url),
@@ -578,39 +570,44 @@ async fn a_job_read_but_never_committed_is_handed_to_another_consumer() {
         &app("app-1", ""),
     );
     let q = queue(&text);
-    q.prepare("client_event").await.unwrap();
     let job = Job::new(
         "app-1",
         Event::from_json(json!({"name": "client_event"})).unwrap(),
         now_ms(),
     );
-    q.enqueue(&[("client_event".into(), job.clone())])
+    q.enqueue("app-1", std::slice::from_ref(&job))
         .await
         .unwrap();
-    let mut a = q.reader("client_event", "consumer-a").await.unwrap();
-    let taken = a.read(10, Duration::from_millis(100)).await.unwrap();
-    assert_eq!(taken.len(), 1);
-    // Invisible to other readers while a holds it...
-    let mut b = q.reader("client_event", "consumer-b").await.unwrap();
-    assert!(
-        b.read(10, Duration::from_millis(100))
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert!(
-        q.reclaim("client_event", "consumer-b", Duration::from_secs(60), 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    // ...until it has been idle past the visibility timeout.
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    let reclaimed = q
-        .reclaim("client_event", "consumer-b", Duration::from_millis(100), 10)
+    let ask = || wasmhook::queue::TakeRequest {
+        max: 10,
+        ..Default::default()
+    };
+    let taken = q.take(&ask()).await.unwrap();
+    assert_eq!(taken.jobs.len(), 1);
+    // Invisible to other workers while the lease holds...
+    assert!(q.take(&ask()).await.unwrap().jobs.is_empty());
+    let due = q
+        .take(&ask())
         .await
-        .unwrap();
-    assert_eq!(reclaimed.len(), 1);
-    assert_eq!(reclaimed[0].id, taken[0].id);
-    assert_eq!(reclaimed[0].job.as_ref().unwrap(), &job);
+        .unwrap()
+        .next_due
+        .expect("the lease expires");
+    assert!(due <= Duration::from_secs(3), "{due:?}");
+    // ...until it expires (the visibility timeout, 3 s here).
+    tokio::time::sleep(due + Duration::from_millis(50)).await;
+    let again = q.take(&ask()).await.unwrap();
+    assert_eq!(again.jobs.len(), 1);
+    assert_ne!(again.jobs[0].lease, taken.jobs[0].lease);
+    assert_eq!(again.jobs[0].job.as_ref().unwrap(), &job);
+    // The first worker's late commit records nothing: the job is not
+    // counted twice, and the new lease is still live.
+    let late = wasmhook::queue::Completion {
+        lease: taken.jobs[0].lease.clone(),
+        effects: vec![wasmhook::queue::Effect::Count(
+            wasmhook::queue::Stat::Delivered,
+        )],
+    };
+    q.commit(&[late]).await.unwrap();
+    assert_eq!(q.stats().await.unwrap().get("delivered"), None);
+    assert_eq!(q.depth().await.unwrap().in_flight, 1);
 }

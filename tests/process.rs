@@ -118,16 +118,13 @@ async fn sigterm_finishes_deliveries_in_flight_takes_no_new_jobs_and_exits_0() {
     assert_eq!(got[0].json()["events"][0]["channel"], "first");
 
     let q = queue(&text);
-    let depth = q.depth("client_event").await.unwrap();
+    let depth = q.depth().await.unwrap();
     assert_eq!(depth.in_flight, 0, "the finished job was acknowledged");
     assert_eq!(
         depth.ready, 1,
         "the job sent after SIGTERM waits for the next worker"
     );
-    assert_eq!(
-        q.stats("client_event").await.unwrap().get("delivered"),
-        Some(&1)
-    );
+    assert_eq!(q.stats().await.unwrap().get("delivered"), Some(&1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,13 +255,20 @@ async fn the_cli_sends_checks_config_and_lists_queues() {
     let out = eventually("queue counters", WAIT, async || {
         let (_, out, _) = run_cli(&path, &["queues"]).await;
         out.lines()
-            .any(|l| l.starts_with("client_event") && l.contains("delivered=1"))
+            .any(|l| l.contains("delivered=1"))
             .then_some(out)
     })
     .await;
+    assert!(out.contains("active_apps"), "{out}");
+    let (ok, out, err) = run_cli(&path, &["queues", "--app", "app-1"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("(new events)"), "{out}");
+    let (ok, out, err) = run_cli(&path, &["endpoints", "--app", "app-1"]).await;
+    assert!(ok, "{err}");
     assert!(
-        out.contains("member_added"),
-        "configured queues are listed: {out}"
+        out.lines()
+            .any(|l| l.starts_with("app-1") && l.contains("closed")),
+        "{out}"
     );
     signal(&worker, libc::SIGTERM);
     assert!(worker.wait().await.unwrap().success());

@@ -1,4 +1,5 @@
-//! The command line: `serve`, `send`, `dlq`, `queues`, `config`, `plugin`.
+//! The command line: `serve`, `send`, `dlq`, `queues`, `endpoints`, `config`,
+//! `plugin`.
 
 mod plugin;
 
@@ -11,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, LogFormat, Settings};
 use crate::event::{Event, Job, now_ms};
-use crate::queue::{DeadLetter, Queue};
+use crate::queue::Queue;
 use crate::service::{self, Mode};
 
 #[derive(Parser, Debug)]
@@ -52,8 +53,27 @@ pub enum Command {
         #[command(flatten)]
         file: ConfigFile,
     },
-    /// Show each queue's depth and outcome counters.
+    /// Show the queue's depth and outcome counters, and each app's waiting jobs.
     Queues {
+        /// Only this app, with each of its partitions.
+        #[arg(long)]
+        app: Option<String>,
+        #[command(flatten)]
+        file: ConfigFile,
+    },
+    /// Show endpoints' circuit breakers and holds; reset one by hand.
+    Endpoints {
+        #[command(subcommand)]
+        command: Option<EndpointsCommand>,
+        /// Only this app's endpoints (all of them, healthy ones too).
+        #[arg(long)]
+        app: Option<String>,
+        /// Every configured endpoint, not only those not closed or with jobs waiting.
+        #[arg(long)]
+        all: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         file: ConfigFile,
     },
@@ -106,7 +126,7 @@ pub enum DlqCommand {
         #[arg(long)]
         app: Option<String>,
         #[arg(long)]
-        queue: Option<String>,
+        endpoint: Option<String>,
         #[arg(long, default_value_t = 100)]
         limit: usize,
         /// One JSON object per line.
@@ -126,6 +146,15 @@ pub enum DlqCommand {
         /// Every dead letter.
         #[arg(long)]
         all: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EndpointsCommand {
+    /// Close the breaker, end any hold and enable the endpoint again.
+    Reset {
+        /// `APP/ENDPOINT`
+        endpoint: String,
     },
 }
 
@@ -151,7 +180,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve { file, .. }
         | Command::Send { file, .. }
         | Command::Dlq { file, .. }
-        | Command::Queues { file }
+        | Command::Queues { file, .. }
+        | Command::Endpoints { file, .. }
         | Command::Config { file, .. } => file.path.clone(),
         // `plugin` runs with the built-in defaults: its --config is the plugin's.
         Command::Plugin { .. } => None,
@@ -197,7 +227,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Send { args, .. } => send(&settings, args).await,
         Command::Dlq { command, .. } => dlq(&settings, command).await,
-        Command::Queues { .. } => queues(&settings).await,
+        Command::Queues { app, .. } => queues(&settings, app).await,
+        Command::Endpoints {
+            command,
+            app,
+            all,
+            json,
+            ..
+        } => endpoints(&settings, command, app, all, json).await,
         Command::Plugin { command } => plugin::run(&settings, command).await,
         Command::Config { .. } => unreachable!("handled above"),
     }
@@ -224,13 +261,12 @@ async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<()> {
     let event = build_event(&args)?;
     if settings.redis_url.is_some() {
         let queue = service::open_queue(settings)?;
-        let name = settings.queues.queue_for(&app.id, &event.name);
         let job = Job::new(app.id.as_str(), event, now_ms());
         queue
-            .enqueue(&[(name.clone(), job.clone())])
+            .enqueue(&app.id, std::slice::from_ref(&job))
             .await
             .context("enqueueing")?;
-        println!("{} queued on {name}", job.id);
+        println!("{} queued for {}", job.id, app.id);
         return Ok(());
     }
     // The embedded queue lives inside the serve process: go through its ingest.
@@ -274,36 +310,30 @@ fn durable_queue(settings: &Settings) -> anyhow::Result<Queue> {
     service::open_queue(settings)
 }
 
-async fn all_dead_letters(
-    queue: &Queue,
-    only_queue: Option<&str>,
-    limit: usize,
-) -> anyhow::Result<Vec<(String, DeadLetter)>> {
-    let names = match only_queue {
-        Some(q) => vec![q.to_string()],
-        None => queue.queues().await?,
-    };
-    let mut out = Vec::new();
-    for name in names {
-        out.extend(queue.dead_letters(&name, limit).await?);
-    }
-    Ok(out)
-}
-
 async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
     let queue = durable_queue(settings)?;
     match command {
         DlqCommand::List {
             app,
-            queue: only,
+            endpoint,
             limit,
             json,
         } => {
-            let letters = all_dead_letters(&queue, only.as_deref(), limit).await?;
-            let letters = letters.into_iter().filter(|(_, l)| {
-                app.as_ref()
-                    .is_none_or(|a| l.job.as_ref().is_some_and(|j| &j.app_id == a))
-            });
+            let filtering = app.is_some() || endpoint.is_some();
+            let letters = queue
+                .dead_letters(if filtering { usize::MAX / 2 } else { limit })
+                .await?;
+            let letters = letters
+                .into_iter()
+                .filter(|(_, l)| {
+                    let job = l.job.as_ref();
+                    app.as_ref()
+                        .is_none_or(|a| job.is_some_and(|j| &j.app_id == a))
+                        && endpoint
+                            .as_ref()
+                            .is_none_or(|e| job.is_some_and(|j| j.endpoint.as_ref() == Some(e)))
+                })
+                .take(limit);
             if !json {
                 println!(
                     "{:<40} {:<12} {:<16} {:<18} {:>8} {:>6}  reason",
@@ -340,7 +370,7 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
             println!("replayed {id} as {}", job.id);
         }
         DlqCommand::Replay { id: None, app, .. } => {
-            let letters = all_dead_letters(&queue, None, usize::MAX / 2).await?;
+            let letters = queue.dead_letters(usize::MAX / 2).await?;
             let mut replayed = 0;
             for (id, l) in letters {
                 let Some(job) = &l.job else { continue };
@@ -356,24 +386,119 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn queues(settings: &Settings) -> anyhow::Result<()> {
+async fn queues(settings: &Settings, app: Option<String>) -> anyhow::Result<()> {
     let queue = durable_queue(settings)?;
+    if let Some(id) = app {
+        let app = settings
+            .apps
+            .get(&id)
+            .with_context(|| format!("no app {id:?} in the config"))?;
+        let endpoints: Vec<String> = app.endpoints.iter().map(|e| e.id.clone()).collect();
+        println!("{:<32} {:>8}", "partition", "waiting");
+        for (part, n) in queue.app_depth(&app.id, &endpoints).await? {
+            println!("{:<32} {:>8}", part.as_deref().unwrap_or("(new events)"), n);
+        }
+        return Ok(());
+    }
+    let d = queue.depth().await?;
+    let stats = queue.stats().await?;
+    let counters: Vec<String> = stats.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!(
-        "{:<24} {:>8} {:>9} {:>8} {:>6}  counters",
-        "queue", "ready", "in_flight", "delayed", "dead"
+        "{:>8} {:>9} {:>8} {:>6} {:>11} {:>6}  counters",
+        "ready", "in_flight", "delayed", "held", "active_apps", "dead"
     );
-    for name in queue.queues().await? {
-        let d = queue.depth(&name).await?;
-        let stats = queue.stats(&name).await?;
-        let counters: Vec<String> = stats.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!(
+        "{:>8} {:>9} {:>8} {:>6} {:>11} {:>6}  {}",
+        d.ready,
+        d.in_flight,
+        d.delayed,
+        d.held,
+        d.active_apps,
+        d.dead,
+        counters.join(" ")
+    );
+    Ok(())
+}
+
+async fn endpoints(
+    settings: &Settings,
+    command: Option<EndpointsCommand>,
+    app: Option<String>,
+    all: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let queue = durable_queue(settings)?;
+    if let Some(EndpointsCommand::Reset { endpoint }) = command {
+        let (app, ep) = endpoint
+            .split_once('/')
+            .with_context(|| format!("{endpoint:?}: expected APP/ENDPOINT"))?;
+        let known = settings
+            .apps
+            .get(app)
+            .is_some_and(|a| a.endpoint(ep).is_some());
+        if !known {
+            bail!("no endpoint {ep:?} of app {app:?} in the config");
+        }
+        queue.reset_endpoint(app, ep).await?;
+        println!("{app}/{ep} reset: breaker closed, hold ended, enabled");
+        return Ok(());
+    }
+    let mut which: Vec<(String, String)> = Vec::new();
+    for a in settings.apps.iter() {
+        if app.as_ref().is_some_and(|id| id != &a.id) {
+            continue;
+        }
+        which.extend(a.endpoints.iter().map(|e| (a.id.clone(), e.id.clone())));
+    }
+    if let Some(id) = &app
+        && settings.apps.get(id).is_none()
+    {
+        bail!("no app {id:?} in the config");
+    }
+    which.sort();
+    let statuses = queue.endpoints(&which).await?;
+    let everything = all || app.is_some();
+    let shown: Vec<_> = statuses
+        .into_iter()
+        .filter(|s| {
+            everything
+                || s.state != crate::breaker::State::Closed
+                || s.waiting > 0
+                || s.held_until_ms.is_some()
+        })
+        .collect();
+    if json {
+        for s in &shown {
+            println!("{}", serde_json::to_string(s)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<20} {:<10} {:>8} {:>9} {:>8}  held / reason",
+        "app", "endpoint", "state", "waiting", "requests", "failures"
+    );
+    let now = now_ms();
+    for s in &shown {
+        let held = s
+            .held_until_ms
+            .map(|t| format!("held {:.1}s", t.saturating_sub(now) as f64 / 1000.0))
+            .unwrap_or_default();
         println!(
-            "{:<24} {:>8} {:>9} {:>8} {:>6}  {}",
-            name,
-            d.ready,
-            d.in_flight,
-            d.delayed,
-            d.dead,
-            counters.join(" ")
+            "{:<16} {:<20} {:<10} {:>8} {:>9} {:>8}  {} {}",
+            s.app,
+            s.endpoint,
+            s.state.name(),
+            s.waiting,
+            s.requests,
+            s.failures,
+            held,
+            s.reason.as_deref().unwrap_or("")
+        );
+    }
+    if shown.is_empty() {
+        println!(
+            "(all {} endpoint(s) closed with nothing waiting; --all lists them)",
+            which.len()
         );
     }
     Ok(())

@@ -9,7 +9,7 @@ mod settings;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub use self::raw::{LogFormat, QueueKey, RawConfig};
+pub use self::raw::{LogFormat, RawConfig};
 pub use self::settings::{DeliverySettings, LogSettings, QueueSettings, ServerSettings, Settings};
 
 /// The defaults, as shipped (`wasmhook config defaults` prints them).

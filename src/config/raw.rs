@@ -88,26 +88,18 @@ pub struct RawServer {
     pub echo: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum QueueKey {
-    EventType,
-    App,
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawQueues {
-    pub key: QueueKey,
-    pub names: Vec<String>,
     pub concurrency: usize,
-    pub concurrency_per_queue: BTreeMap<String, usize>,
+    pub quantum: usize,
+    pub app_max_in_flight: usize,
     #[serde(with = "humantime_serde")]
     pub visibility_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub reclaim_interval: Duration,
     #[serde(with = "humantime_serde")]
-    pub discover_interval: Duration,
+    pub idle_poll: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -125,6 +117,24 @@ pub struct RawDelivery {
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     pub max_response_bytes: usize,
+    pub max_in_flight: usize,
+    pub breaker: RawBreaker,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    pub failure_rate: f64,
+    pub min_requests: u32,
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    pub consecutive_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub cool_down: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_cool_down: Duration,
+    #[serde(with = "humantime_serde")]
+    pub disable_after: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -152,6 +162,10 @@ pub struct RawApp {
     #[serde(default)]
     pub secrets: Vec<String>,
     pub ingest_token: String,
+    /// Share of a worker's turns relative to other apps (default 1).
+    pub weight: Option<u32>,
+    /// This app's jobs in flight on one worker.
+    pub max_in_flight: Option<usize>,
     #[serde(default)]
     pub webhooks: Vec<RawWebhook>,
     /// The app's chain: once per event, before fan-out.
@@ -190,6 +204,13 @@ pub struct RawWebhook {
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
     pub retry: Option<RawRetryOverride>,
+    /// Jobs for this endpoint in flight on one worker.
+    pub max_in_flight: Option<usize>,
+    /// "50/s", "600/m", "10000/h": held by every worker together.
+    pub rate_limit: Option<String>,
+    /// Requests that may go at once after a quiet spell (default: a tenth of
+    /// a second's worth, at least 1).
+    pub rate_limit_burst: Option<u32>,
     /// The endpoint's chain: on every attempt, after routing.
     #[serde(default)]
     pub plugins: Vec<RawPluginRef>,

@@ -10,14 +10,16 @@ use reqwest::header::{HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 
 use super::Problem;
-use super::raw::{LogFormat, QueueKey, RawApp, RawConfig, RawWebhook, SchemeName};
+use super::raw::{LogFormat, RawApp, RawConfig, RawWebhook, SchemeName};
 use super::raw::{RawPluginRef, RawWasm};
 use crate::app::{App, Apps, Endpoint, PluginRef, Scheme, Secret};
+use crate::breaker::BreakerSettings;
 use crate::delivery::retry::RetryPolicy;
 use crate::event::valid_name;
 use crate::pipeline::route::ChannelFilter;
 use crate::plugin::{EngineSettings, Limits, PluginSpec};
-use crate::queue::Keys;
+use crate::queue::{EndpointTenancy, Keys, QueueOptions, Tenancy};
+use crate::ratelimit::RateLimit;
 use crate::signing::{self, standard::StandardKey};
 
 #[derive(Debug, Clone)]
@@ -48,46 +50,70 @@ pub struct ServerSettings {
 
 #[derive(Debug, Clone)]
 pub struct QueueSettings {
-    pub key: QueueKey,
-    pub names: Vec<String>,
+    /// Jobs in flight on one worker process, all apps together.
     pub concurrency: usize,
-    pub concurrency_per_queue: BTreeMap<String, usize>,
+    /// Jobs an app gets per turn, times its weight.
+    pub quantum: usize,
+    /// One app's jobs in flight on one worker, unless the app sets its own.
+    pub app_max_in_flight: usize,
     pub visibility_timeout: Duration,
     pub reclaim_interval: Duration,
-    pub discover_interval: Duration,
+    pub idle_poll: Duration,
 }
 
-impl QueueSettings {
-    /// The queue an event of this app and type goes to.
-    pub fn queue_for(&self, app_id: &str, event_type: &str) -> String {
-        match self.key {
-            QueueKey::EventType => event_type.to_string(),
-            QueueKey::App => format!("app:{app_id}"),
+impl Settings {
+    /// The apps' and endpoints' scheduling parameters, as the queue keeps them.
+    pub fn tenancy(&self) -> Tenancy {
+        tenancy(&self.queues, &self.delivery, &self.apps)
+    }
+
+    /// What the queue needs to know for its whole life.
+    pub fn queue_options(&self) -> QueueOptions {
+        QueueOptions {
+            lease: self.queues.visibility_timeout,
+            breaker: self.delivery.breaker.clone(),
+            max_hold: self.retry.max_retry_after(),
         }
     }
+}
 
-    pub fn concurrency_for(&self, queue: &str) -> usize {
-        self.concurrency_per_queue
-            .get(queue)
-            .copied()
-            .unwrap_or(self.concurrency)
+pub fn tenancy(queues: &QueueSettings, delivery: &DeliverySettings, apps: &Apps) -> Tenancy {
+    let mut t = Tenancy {
+        quantum: queues.quantum,
+        app_weight: 1,
+        app_max_in_flight: queues.app_max_in_flight,
+        endpoint_max_in_flight: delivery.max_in_flight,
+        apps: Vec::new(),
+        endpoints: Vec::new(),
+    };
+    for app in apps.iter() {
+        if app.weight != 1 || app.max_in_flight != queues.app_max_in_flight {
+            t.apps.push((app.id.clone(), app.weight, app.max_in_flight));
+        }
+        for e in &app.endpoints {
+            if e.max_in_flight != delivery.max_in_flight || e.rate_limit.is_some() {
+                t.endpoints.push(EndpointTenancy {
+                    app: app.id.clone(),
+                    endpoint: e.id.clone(),
+                    max_in_flight: e.max_in_flight,
+                    rate_limit: e.rate_limit,
+                });
+            }
+        }
     }
-
-    /// Queues every worker reads even before any producer used them.
-    pub fn known_queues(&self, apps: &Apps) -> Vec<String> {
-        let mut names: Vec<String> = match self.key {
-            QueueKey::EventType => self.names.clone(),
-            QueueKey::App => apps.iter().map(|a| format!("app:{}", a.id)).collect(),
-        };
-        names.sort();
-        names
-    }
+    t.apps.sort_by(|a, b| a.0.cmp(&b.0));
+    t.endpoints
+        .sort_by(|a, b| (&a.app, &a.endpoint).cmp(&(&b.app, &b.endpoint)));
+    t
 }
 
 #[derive(Debug, Clone)]
 pub struct DeliverySettings {
     pub timeout: Duration,
     pub max_response_bytes: usize,
+    /// Jobs for one endpoint in flight on one worker, unless it sets its own.
+    pub max_in_flight: usize,
+    pub breaker: BreakerSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -149,29 +175,52 @@ pub(super) fn build(
         c.fail("server.max_batch", "must be at least 1");
     }
 
-    for (i, name) in raw.queues.names.iter().enumerate() {
-        c.name(format!("queues.names[{i}]"), name);
-    }
-    if raw.queues.concurrency == 0 {
-        c.fail("queues.concurrency", "must be at least 1");
-    }
-    for (name, n) in &raw.queues.concurrency_per_queue {
-        c.name(format!("queues.concurrency_per_queue.{name}"), name);
-        if *n == 0 {
-            c.fail(
-                format!("queues.concurrency_per_queue.{name}"),
-                "must be at least 1",
-            );
+    for (key, n) in [
+        ("queues.concurrency", raw.queues.concurrency),
+        ("queues.quantum", raw.queues.quantum),
+        ("queues.app_max_in_flight", raw.queues.app_max_in_flight),
+        ("delivery.max_in_flight", raw.delivery.max_in_flight),
+    ] {
+        if n == 0 {
+            c.fail(key, "must be at least 1");
         }
     }
     for (key, d) in [
         ("queues.reclaim_interval", raw.queues.reclaim_interval),
-        ("queues.discover_interval", raw.queues.discover_interval),
+        ("queues.idle_poll", raw.queues.idle_poll),
     ] {
         if d.is_zero() {
             c.fail(key, "must be longer than zero");
         }
     }
+    let b = &raw.delivery.breaker;
+    if !(0.0..=1.0).contains(&b.failure_rate) {
+        c.fail(
+            "delivery.breaker.failure_rate",
+            "must be between 0 (off) and 1",
+        );
+    }
+    if b.window < Duration::from_millis(10) {
+        c.fail("delivery.breaker.window", "must be at least 10ms");
+    }
+    if b.cool_down.is_zero() {
+        c.fail("delivery.breaker.cool_down", "must be longer than zero");
+    }
+    if b.max_cool_down < b.cool_down {
+        c.fail(
+            "delivery.breaker.max_cool_down",
+            "must be at least delivery.breaker.cool_down",
+        );
+    }
+    let breaker = BreakerSettings {
+        failure_rate: b.failure_rate,
+        min_requests: b.min_requests,
+        window: b.window,
+        consecutive_failures: b.consecutive_failures,
+        cool_down: b.cool_down,
+        max_cool_down: b.max_cool_down,
+        disable_after: b.disable_after,
+    };
 
     if raw.retry.schedule.is_empty() {
         c.fail(
@@ -242,18 +291,19 @@ pub(super) fn build(
             echo: raw.server.echo,
         },
         queues: QueueSettings {
-            key: raw.queues.key,
-            names: raw.queues.names,
             concurrency: raw.queues.concurrency,
-            concurrency_per_queue: raw.queues.concurrency_per_queue,
+            quantum: raw.queues.quantum,
+            app_max_in_flight: raw.queues.app_max_in_flight,
             visibility_timeout: raw.queues.visibility_timeout,
             reclaim_interval: raw.queues.reclaim_interval,
-            discover_interval: raw.queues.discover_interval,
+            idle_poll: raw.queues.idle_poll,
         },
         retry,
         delivery: DeliverySettings {
             timeout: raw.delivery.timeout,
             max_response_bytes: raw.delivery.max_response_bytes,
+            max_in_flight: raw.delivery.max_in_flight,
+            breaker,
         },
         log: LogSettings {
             format: raw.log.format,
@@ -438,11 +488,21 @@ fn build_app(
             endpoints.push(Arc::new(e));
         }
     }
+    let weight = a.weight.unwrap_or(1);
+    if !(1..=1000).contains(&weight) {
+        c.fail(format!("{path}.weight"), "must be 1 to 1000");
+    }
+    let max_in_flight = a.max_in_flight.unwrap_or(raw.queues.app_max_in_flight);
+    if max_in_flight == 0 {
+        c.fail(format!("{path}.max_in_flight"), "must be at least 1");
+    }
     App {
         id: a.id.clone(),
         key: a.key.clone(),
         secrets,
         ingest_token: Secret::new(a.ingest_token.as_str()),
+        weight,
+        max_in_flight,
         endpoints,
         plugins: build_chain(c, &format!("{path}.plugins"), &a.plugins, plugins),
     }
@@ -553,6 +613,34 @@ fn build_endpoint(
         }
         None => derived_endpoint_id(w),
     };
+    let max_in_flight = w.max_in_flight.unwrap_or(raw.delivery.max_in_flight);
+    if max_in_flight == 0 {
+        c.fail(format!("{path}.max_in_flight"), "must be at least 1");
+    }
+    let rate_limit = match &w.rate_limit {
+        None => None,
+        Some(text) => match RateLimit::parse(text) {
+            Ok(mut r) => {
+                if let Some(burst) = w.rate_limit_burst {
+                    if burst == 0 {
+                        c.fail(format!("{path}.rate_limit_burst"), "must be at least 1");
+                    }
+                    r.burst = burst.max(1);
+                }
+                Some(r)
+            }
+            Err(e) => {
+                c.fail(format!("{path}.rate_limit"), e.to_string());
+                None
+            }
+        },
+    };
+    if w.rate_limit.is_none() && w.rate_limit_burst.is_some() {
+        c.fail(
+            format!("{path}.rate_limit_burst"),
+            "only with a `rate_limit`",
+        );
+    }
     let filter = w.filter.clone().unwrap_or_default();
     let chain = build_chain(c, &format!("{path}.plugins"), &w.plugins, plugins);
     if c.0.len() > before {
@@ -570,6 +658,8 @@ fn build_endpoint(
         headers,
         timeout,
         retry,
+        max_in_flight,
+        rate_limit,
         plugins: chain,
     })
 }

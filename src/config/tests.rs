@@ -215,7 +215,7 @@ fn environment_variables_override_any_key() {
         ("WASMHOOK_QUEUES__CONCURRENCY".to_string(), "7".to_string()),
         ("WASMHOOK_APPS__0__KEY".to_string(), "12345".to_string()),
         (
-            "WASMHOOK_QUEUES__CONCURRENCY_PER_QUEUE__CLIENT_EVENT".to_string(),
+            "WASMHOOK_DELIVERY__BREAKER__MIN_REQUESTS".to_string(),
             "99".to_string(),
         ),
         ("WASMHOOK_CONFIG".to_string(), "ignored.toml".to_string()),
@@ -224,7 +224,7 @@ fn environment_variables_override_any_key() {
     let s = load_from(None, Some(APP), env).unwrap();
     assert_eq!(s.redis_url.as_deref(), Some("redis://10.0.0.1:6380"));
     assert_eq!(s.queues.concurrency, 7);
-    assert_eq!(s.queues.concurrency_for("client_event"), 99);
+    assert_eq!(s.delivery.breaker.min_requests, 99);
     assert_eq!(
         s.apps.get("app-1").unwrap().key,
         "12345",
@@ -260,15 +260,59 @@ fn malformed_toml_says_where() {
 }
 
 #[test]
-fn per_app_queues_are_an_option() {
-    let s = load(&format!("[queues]\nkey = \"app\"\n{APP}")).unwrap();
-    assert_eq!(s.queues.queue_for("app-1", "client_event"), "app:app-1");
+fn weights_caps_and_rate_limits_reach_the_queue() {
+    let text = APP.replace("[[apps]]\n", "[[apps]]\nweight = 3\nmax_in_flight = 5\n")
+        + "max_in_flight = 2\nrate_limit = \"20/s\"\nrate_limit_burst = 4\n";
+    let s = load(&text).unwrap();
+    let t = s.tenancy();
     assert_eq!(
-        s.queues.known_queues(&s.apps),
-        vec!["app:app-1".to_string()]
+        (t.quantum, t.app_max_in_flight, t.endpoint_max_in_flight),
+        (8, 128, 16)
     );
-    let s = load(APP).unwrap();
-    assert_eq!(s.queues.queue_for("app-1", "client_event"), "client_event");
+    assert_eq!(t.apps, vec![("app-1".to_string(), 3, 5)]);
+    assert_eq!(t.endpoints.len(), 1);
+    let e = &t.endpoints[0];
+    assert_eq!(e.max_in_flight, 2);
+    let r = e.rate_limit.unwrap();
+    assert_eq!((r.count, r.burst), (20, 4));
+    // An app and endpoint with nothing of their own are not listed.
+    assert!(load(APP).unwrap().tenancy().apps.is_empty());
+}
+
+#[test]
+fn bad_scheduling_values_are_named() {
+    let problems = |extra_app: &str, extra_ep: &str, top: &str| {
+        let text = format!(
+            "{top}\n{}",
+            APP.replace("[[apps]]\n", &format!("[[apps]]\n{extra_app}"))
+        ) + extra_ep;
+        load(&text)
+            .unwrap_err()
+            .problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(problems("weight = 0\n", "", "").contains("apps[0].weight: must be 1 to 1000"));
+    assert!(
+        problems("", "rate_limit = \"fast\"\n", "")
+            .contains("apps[0].webhooks[1].rate_limit: expected a rate")
+    );
+    assert!(
+        problems("", "rate_limit_burst = 3\n", "")
+            .contains("rate_limit_burst: only with a `rate_limit`")
+    );
+    assert!(problems("", "max_in_flight = 0\n", "").contains("max_in_flight: must be at least 1"));
+    assert!(
+        problems("", "", "[delivery.breaker]\nfailure_rate = 1.5")
+            .contains("delivery.breaker.failure_rate")
+    );
+    assert!(
+        problems("", "", "[queues]\nquantum = 0").contains("queues.quantum: must be at least 1")
+    );
+    // The keys of the old one-queue-per-event-type layout are refused by name.
+    assert!(problems("", "", "[queues]\nkey = \"app\"").contains("unknown field `key`"));
 }
 
 #[test]

@@ -35,6 +35,11 @@ impl RetryPolicy {
         RetryPolicy::new(schedule, self.jitter, self.max_retry_after)
     }
 
+    /// The longest a `Retry-After` may push an attempt (or hold an endpoint).
+    pub fn max_retry_after(&self) -> Duration {
+        self.max_retry_after
+    }
+
     pub fn max_attempts(&self) -> u32 {
         self.schedule.len() as u32
     }

@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 pub use self::error::IngestError;
 use crate::app::Apps;
-use crate::config::{QueueSettings, ServerSettings};
+use crate::config::ServerSettings;
 use crate::event::{Event, Job, now_ms};
 use crate::queue::{Idempotency, Queue};
 
@@ -37,7 +37,6 @@ pub struct Ingest {
     pub queue: Queue,
     /// Replaced whole on a config reload.
     pub apps: std::sync::RwLock<Apps>,
-    pub queues: QueueSettings,
     pub server: ServerSettings,
 }
 
@@ -150,23 +149,18 @@ async fn accept(
     }
 
     let created_ms = now_ms();
-    let jobs: Vec<(String, Job)> = events
+    let jobs: Vec<Job> = events
         .into_iter()
-        .map(|event| {
-            (
-                state.queues.queue_for(app_id, &event.name),
-                Job::new(app_id, event, created_ms),
-            )
-        })
+        .map(|event| Job::new(app_id, event, created_ms))
         .collect();
-    if let Err(e) = timed(state.queue.enqueue(&jobs)).await {
+    if let Err(e) = timed(state.queue.enqueue(app_id, &jobs)).await {
         if let Some(key) = &idempotency_key {
             // Best effort: if this fails too, the claim expires on its own.
             let _ = timed(state.queue.idempotency_abort(app_id, key)).await;
         }
         return Err(e);
     }
-    let ids: Vec<&str> = jobs.iter().map(|(_, j)| j.id.as_str()).collect();
+    let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
     let answer = json!({ "ids": ids }).to_string();
     if let Some(key) = &idempotency_key
         && let Err(e) = timed(state.queue.idempotency_finish(app_id, key, &answer, ttl)).await

@@ -237,6 +237,8 @@ mod tests {
             headers: vec![],
             timeout: Duration::from_secs(1),
             retry: RetryPolicy::new(vec![Duration::ZERO], 0.0, Duration::ZERO),
+            max_in_flight: 16,
+            rate_limit: None,
             plugins: vec![],
         })
     }
@@ -247,6 +249,8 @@ mod tests {
             key: "k".into(),
             secrets: vec![Secret::new("s")],
             ingest_token: Secret::new("t"),
+            weight: 1,
+            max_in_flight: 128,
             endpoints: vec![
                 endpoint("all", &[], None),
                 endpoint("occupied", &["channel_occupied"], None),

@@ -1,10 +1,11 @@
 //! The wire format of queue entries and dead letters.
 //!
-//! A stream entry has one field, `job`, holding JSON. Producers that write to
-//! Redis directly need only `app_id` and `event`; the rest is filled in:
+//! A job is JSON. Producers that write to Redis directly add an entry with
+//! one field, `job`, to the inbox stream, and need only `app_id` and `event`;
+//! the rest is filled in:
 //!
 //! ```text
-//! XADD wasmhook:{client_event}:stream * job '{"app_id":"app-1","event":{"name":"client_event","channel":"private-a","data":"{}"}}'
+//! XADD wasmhook:{0}:inbox * job '{"app_id":"app-1","event":{"name":"client_event","channel":"private-a","data":"{}"}}'
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -57,10 +58,10 @@ pub fn encode(job: &Job) -> String {
     serde_json::to_string(job).expect("a job always serializes")
 }
 
-/// Decodes an entry's `job` field. `queue` and `entry_id` stand in for what a
-/// producer left out: a webhook id derived from them (so it is the same on
+/// Decodes a job. `entry_id` (an inbox stream id) stands in for what a
+/// producer left out: a webhook id derived from it (so it is the same on
 /// every redelivery of the entry) and the entry's time.
-pub fn decode(queue: &str, entry_id: &str, raw: Option<&[u8]>) -> Result<Job, Malformed> {
+pub fn decode(entry_id: &str, raw: Option<&[u8]>) -> Result<Job, Malformed> {
     let Some(raw) = raw else {
         return Err(Malformed {
             raw: String::new(),
@@ -74,13 +75,22 @@ pub fn decode(queue: &str, entry_id: &str, raw: Option<&[u8]>) -> Result<Job, Ma
     let wire: WireJob =
         serde_json::from_slice(raw).map_err(|e| malformed(format!("not a job: {e}")))?;
     let event = Event::from_json(wire.event).map_err(|e| malformed(format!("bad event: {e}")))?;
-    if wire.app_id.is_empty() {
-        return Err(malformed("empty `app_id`".into()));
+    if !crate::event::valid_name(&wire.app_id) {
+        return Err(malformed(
+            "`app_id` must be 1 to 200 characters of A-Z a-z 0-9 _ - . :".into(),
+        ));
+    }
+    if let Some(ep) = &wire.endpoint
+        && !crate::event::valid_name(ep)
+    {
+        return Err(malformed(
+            "`endpoint` must be 1 to 200 characters of A-Z a-z 0-9 _ - . :".into(),
+        ));
     }
     let id = match wire.id {
         Some(id) if !id.is_empty() && id.len() <= 200 => id,
         Some(_) => return Err(malformed("`id` must be 1 to 200 characters".into())),
-        None => derived_id(queue, entry_id),
+        None => derived_id(entry_id),
     };
     let created_ms = wire
         .created_ms
@@ -99,8 +109,8 @@ pub fn decode(queue: &str, entry_id: &str, raw: Option<&[u8]>) -> Result<Job, Ma
     })
 }
 
-fn derived_id(queue: &str, entry_id: &str) -> String {
-    let digest = Sha256::digest(format!("{queue}/{entry_id}").as_bytes());
+fn derived_id(entry_id: &str) -> String {
+    let digest = Sha256::digest(format!("inbox/{entry_id}").as_bytes());
     format!("msg_{}", &hex::encode(digest)[..26])
 }
 
@@ -108,7 +118,6 @@ fn derived_id(queue: &str, entry_id: &str) -> String {
 /// decide what to do with it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
-    pub queue: String,
     /// The last error.
     pub reason: String,
     /// The last HTTP status, when there was a response.
@@ -128,9 +137,8 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    pub fn malformed(queue: &str, m: &Malformed, now_ms: u64) -> DeadLetter {
+    pub fn malformed(m: &Malformed, now_ms: u64) -> DeadLetter {
         DeadLetter {
-            queue: queue.to_string(),
             reason: format!("malformed entry: {}", m.reason),
             status: None,
             response_body: None,
@@ -142,14 +150,15 @@ impl DeadLetter {
     }
 }
 
-/// A dead letter's id as the CLI shows it: `<queue>/<entry id>`.
-pub fn dead_letter_id(queue: &str, entry_id: &str) -> String {
-    format!("{queue}/{entry_id}")
-}
-
-pub fn split_dead_letter_id(id: &str) -> Option<(&str, &str)> {
-    let (queue, entry) = id.rsplit_once('/')?;
-    (!queue.is_empty() && !entry.is_empty()).then_some((queue, entry))
+/// `<ms>-<seq>`, both decimal: a stream id, the form of dead letter ids.
+pub fn is_stream_id(id: &str) -> bool {
+    id.split_once('-').is_some_and(|(ms, seq)| {
+        !ms.is_empty()
+            && !seq.is_empty()
+            && ms.len() <= 20
+            && seq.len() <= 20
+            && ms.bytes().chain(seq.bytes()).all(|b| b.is_ascii_digit())
+    })
 }
 
 #[cfg(test)]
@@ -160,17 +169,12 @@ mod tests {
     fn a_producer_needs_only_app_and_event() {
         let raw =
             br#"{"app_id":"app-1","event":{"name":"client_event","channel":"c","data":"{}"}}"#;
-        let a = decode("client_event", "1700000000000-3", Some(raw)).unwrap();
-        let b = decode("client_event", "1700000000000-3", Some(raw)).unwrap();
+        let a = decode("1700000000000-3", Some(raw)).unwrap();
+        let b = decode("1700000000000-3", Some(raw)).unwrap();
         assert_eq!(a.app_id, "app-1");
         assert_eq!(a.created_ms, 1700000000000);
         assert_eq!(a.id, b.id, "the derived id is stable across redeliveries");
-        assert_ne!(
-            a.id,
-            decode("client_event", "1700000000000-4", Some(raw))
-                .unwrap()
-                .id
-        );
+        assert_ne!(a.id, decode("1700000000000-4", Some(raw)).unwrap().id);
         assert_eq!(a.attempt, 0);
     }
 
@@ -183,39 +187,41 @@ mod tests {
         );
         job.endpoint = Some("ep".into());
         job.attempt = 2;
-        assert_eq!(
-            decode("q", "1-0", Some(encode(&job).as_bytes())).unwrap(),
-            job
-        );
+        assert_eq!(decode("1-0", Some(encode(&job).as_bytes())).unwrap(), job);
     }
 
     #[test]
     fn says_why_an_entry_is_malformed() {
         assert!(
-            decode("q", "1-0", None)
+            decode("1-0", None)
                 .unwrap_err()
                 .reason
                 .contains("no `job` field")
         );
-        let m = decode("q", "1-0", Some(b"{not json")).unwrap_err();
+        let m = decode("1-0", Some(b"{not json")).unwrap_err();
         assert!(m.reason.starts_with("not a job"), "{}", m.reason);
         assert_eq!(m.raw, "{not json");
-        let m = decode(
-            "q",
-            "1-0",
-            Some(br#"{"app_id":"a","event":{"channel":"x"}}"#),
-        )
-        .unwrap_err();
+        let m = decode("1-0", Some(br#"{"app_id":"a","event":{"channel":"x"}}"#)).unwrap_err();
         assert!(m.reason.contains("name"), "{}", m.reason);
     }
 
     #[test]
-    fn dead_letter_ids_split_at_the_last_slash() {
-        assert_eq!(
-            split_dead_letter_id("client_event/1-0"),
-            Some(("client_event", "1-0"))
-        );
-        assert_eq!(split_dead_letter_id("nope"), None);
-        assert_eq!(split_dead_letter_id("/1-0"), None);
+    fn dead_letter_ids_are_stream_ids() {
+        assert!(is_stream_id("1700000000000-0"));
+        for bad in ["nope", "-1", "1-", "1-x", "client_event/1-0", ""] {
+            assert!(!is_stream_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn app_and_endpoint_ids_must_be_key_safe() {
+        let m = decode("1-0", Some(br#"{"app_id":"a|b","event":{"name":"x"}}"#)).unwrap_err();
+        assert!(m.reason.contains("app_id"), "{}", m.reason);
+        let m = decode(
+            "1-0",
+            Some(br#"{"app_id":"a","endpoint":"e|f","event":{"name":"x"}}"#),
+        )
+        .unwrap_err();
+        assert!(m.reason.contains("endpoint"), "{}", m.reason);
     }
 }

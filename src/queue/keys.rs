@@ -1,8 +1,12 @@
-//! Redis key names. Every key of one queue carries the queue's hash tag
-//! (`{queue}`), so the multi-key operations that record a job's outcome stay
-//! in one Redis Cluster slot.
+//! Redis key names. Every key of the queue carries one hash tag (`{0}`), so
+//! each Lua script and transaction touches one Redis Cluster slot. App and
+//! endpoint ids never contain `|` (they are checked names), so
+//! `<app>|<endpoint>` is unambiguous.
 
 use sha2::{Digest, Sha256};
+
+/// The hash tag of the queue's slot.
+pub const TAG: &str = "{0}";
 
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -20,29 +24,37 @@ impl Keys {
         &self.prefix
     }
 
-    /// Set of queue names producers have used.
-    pub fn registry(&self) -> String {
-        format!("{}:queues", self.prefix)
+    /// What every queue key starts with; the Lua scripts append the rest:
+    /// `ready` (apps with work, round-robin), `parts:<app>` (its eligible
+    /// partitions), `list:<app>|<endpoint>` (a partition's jobs; empty
+    /// endpoint = new events), `busy:<app>`, `ep:<app>|<endpoint>` (breaker,
+    /// hold, rate), `held`, `delayed`, `leases`, `leased`, `seq`, `vclock`,
+    /// `count`, `conf`, `stats`, `dlq`.
+    pub fn base(&self) -> String {
+        format!("{}:{TAG}:", self.prefix)
     }
 
-    /// The stream jobs wait in; consumer group [`super::GROUP`].
-    pub fn stream(&self, queue: &str) -> String {
-        format!("{}:{{{queue}}}:stream", self.prefix)
+    pub fn key(&self, name: &str) -> String {
+        format!("{}:{TAG}:{name}", self.prefix)
     }
 
-    /// Sorted set of jobs waiting for a retry, scored by due time (unix ms).
-    pub fn delayed(&self, queue: &str) -> String {
-        format!("{}:{{{queue}}}:delayed", self.prefix)
+    /// The stream raw producers XADD to (consumer group [`super::GROUP`]).
+    pub fn inbox(&self) -> String {
+        self.key("inbox")
     }
 
-    /// Stream of dead letters.
-    pub fn dlq(&self, queue: &str) -> String {
-        format!("{}:{{{queue}}}:dlq", self.prefix)
+    pub fn dlq(&self) -> String {
+        self.key("dlq")
     }
 
-    /// Hash of outcome counters.
-    pub fn stats(&self, queue: &str) -> String {
-        format!("{}:{{{queue}}}:stats", self.prefix)
+    /// A partition's list: new events (`endpoint` None) or one endpoint's jobs.
+    pub fn list(&self, app: &str, endpoint: Option<&str>) -> String {
+        self.key(&format!("list:{app}|{}", endpoint.unwrap_or("")))
+    }
+
+    /// Pub/sub channel that wakes idle workers (a hint, never a job).
+    pub fn doorbell(&self) -> String {
+        format!("{}:doorbell", self.prefix)
     }
 
     /// One Idempotency-Key of one app. The key is hashed: any bytes a client
@@ -50,11 +62,6 @@ impl Keys {
     pub fn idempotency(&self, app: &str, key: &str) -> String {
         let digest = hex::encode(Sha256::digest(key.as_bytes()));
         format!("{}:{{idem:{app}}}:{digest}", self.prefix)
-    }
-
-    /// Hash of endpoints that answered 410 Gone: `app/endpoint` → unix ms.
-    pub fn gone(&self) -> String {
-        format!("{}:gone", self.prefix)
     }
 }
 
@@ -70,18 +77,20 @@ mod tests {
     }
 
     #[test]
-    fn every_key_of_a_queue_shares_its_hash_tag() {
+    fn every_queue_key_shares_one_hash_tag() {
         let k = Keys::new("wh");
         for key in [
-            k.stream("client_event"),
-            k.delayed("client_event"),
-            k.dlq("client_event"),
-            k.stats("client_event"),
+            k.inbox(),
+            k.dlq(),
+            k.list("app-1", None),
+            k.list("app-1", Some("ep")),
+            k.key("ready"),
+            k.base() + "parts:app-1",
         ] {
-            assert_eq!(hash_tag(&key), "client_event", "{key}");
+            assert_eq!(hash_tag(&key), "0", "{key}");
             assert!(key.starts_with("wh:"));
         }
-        assert_ne!(hash_tag(&k.stream("a")), hash_tag(&k.stream("b")));
+        assert_ne!(k.list("a:b", None), k.list("a", Some("b")));
     }
 
     #[test]

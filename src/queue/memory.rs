@@ -1,25 +1,150 @@
-//! The embedded in-process queue: the same contract as Redis, held in memory.
-//! Not durable: whatever waits here is lost when the process stops.
+//! The embedded in-process queue: the same contract as the Redis backend,
+//! held in memory behind one mutex. Not durable: whatever waits here is lost
+//! when the process stops.
+//!
+//! The model is the one the Lua scripts keep in Redis, so both backends
+//! schedule alike:
+//!
+//! - **Partitions**: each app has a FIFO of new events (`None`) and one per
+//!   endpoint (`Some(endpoint)`). A partition is *eligible* when it has jobs
+//!   and is not held.
+//! - **The ring**: apps with an eligible partition, served round-robin by a
+//!   score drawn from one ever-increasing counter (`vclock`): lowest first,
+//!   and an app that was served goes to the back. An app's eligible
+//!   partitions take turns the same way within its turn.
+//! - **Holds**: an endpoint's partition waits until a unix-ms time (open
+//!   breaker, half-open probe in flight, rate limit, `Retry-After`).
+//! - **Leases**, **delayed** jobs and **holds** are deadlines; each `take`
+//!   first settles the ones that passed.
+//!
+//! The logic lives on [`State`] with the time passed in, so tests drive it
+//! with chosen clocks; [`MemoryQueue`] locks it and reads the wall clock.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::entry::{DeadLetter, Entry};
-use super::{Completion, Depth, Effect, Idempotency, QueueError};
+use super::entry::DeadLetter;
+use super::{
+    Completion, Depth, Effect, EndpointStatus, Idempotency, Leased, QueueError, QueueOptions,
+    StateChange, TakeRequest, Taken, Tenancy,
+};
+use crate::breaker::{Breaker, Signal, State as BreakerState};
 use crate::event::{Job, now_ms};
+use crate::ratelimit::{self, RateLimit};
+
+/// Which of an app's partitions: None = its new events, Some = an endpoint's.
+type Part = Option<String>;
+
+/// Jobs an app gets per turn (times its weight) until `configure` says.
+const DEFAULT_QUANTUM: usize = 8;
+/// "No cap", with headroom so sums of rooms cannot overflow.
+const UNCAPPED: usize = usize::MAX / 2;
+
+/// The tenancy, indexed for lookups on the take path.
+struct Limits {
+    quantum: usize,
+    app_weight: u32,
+    app_cap: usize,
+    endpoint_cap: usize,
+    /// app → (weight, max in flight).
+    apps: HashMap<String, (u32, usize)>,
+    /// app → endpoint → (max in flight, rate limit).
+    endpoints: HashMap<String, HashMap<String, (usize, Option<RateLimit>)>>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            quantum: DEFAULT_QUANTUM,
+            app_weight: 1,
+            app_cap: UNCAPPED,
+            endpoint_cap: UNCAPPED,
+            apps: HashMap::new(),
+            endpoints: HashMap::new(),
+        }
+    }
+}
+
+impl Limits {
+    fn new(tenancy: &Tenancy) -> Self {
+        let mut endpoints: HashMap<String, HashMap<String, _>> = HashMap::new();
+        for e in &tenancy.endpoints {
+            endpoints
+                .entry(e.app.clone())
+                .or_default()
+                .insert(e.endpoint.clone(), (e.max_in_flight, e.rate_limit));
+        }
+        Limits {
+            quantum: tenancy.quantum,
+            app_weight: tenancy.app_weight,
+            app_cap: tenancy.app_max_in_flight,
+            endpoint_cap: tenancy.endpoint_max_in_flight,
+            apps: tenancy
+                .apps
+                .iter()
+                .map(|(app, weight, cap)| (app.clone(), (*weight, *cap)))
+                .collect(),
+            endpoints,
+        }
+    }
+
+    /// Jobs per turn and max in flight.
+    fn app(&self, app: &str) -> (usize, usize) {
+        let (weight, cap) = self
+            .apps
+            .get(app)
+            .copied()
+            .unwrap_or((self.app_weight, self.app_cap));
+        // A zero from a bad configuration would starve the app for good; one
+        // job per turn keeps it moving.
+        let turn = self.quantum.max(1).saturating_mul(weight.max(1) as usize);
+        (turn, cap)
+    }
+
+    fn endpoint(&self, app: &str, endpoint: &str) -> (usize, Option<RateLimit>) {
+        self.endpoints
+            .get(app)
+            .and_then(|eps| eps.get(endpoint))
+            .copied()
+            .unwrap_or((self.endpoint_cap, None))
+    }
+}
+
+/// What the queue knows of one endpoint besides its waiting jobs.
+#[derive(Default)]
+struct Endpoint {
+    breaker: Breaker,
+    /// Unix ms until which its partition is not eligible; 0 = not held.
+    hold_until: u64,
+    /// The lease of the half-open probe in flight.
+    probe: Option<String>,
+    /// The rate limiter's theoretical arrival time.
+    tat: Option<f64>,
+}
 
 #[derive(Default)]
-struct Lane {
-    ready: VecDeque<(String, Job)>,
-    in_flight: HashMap<String, (Job, Instant)>,
-    /// (due ms, sequence) → job.
-    delayed: BTreeMap<(u64, u64), Job>,
-    dead: Vec<(String, DeadLetter)>,
-    stats: BTreeMap<String, u64>,
-    notify: Arc<Notify>,
+struct App {
+    /// Only partitions with jobs are kept.
+    parts: HashMap<Part, VecDeque<Job>>,
+    /// Eligible partitions by round-robin score, and the score of each.
+    eligible: BTreeSet<(u64, Part)>,
+    scores: HashMap<Part, u64>,
+    /// Its score in the ring, while it has an eligible partition.
+    turn: Option<u64>,
+    endpoints: HashMap<String, Endpoint>,
+}
+
+struct Lease {
+    app: String,
+    part: Part,
+    job: Job,
+    /// Unix ms. The wall clock rather than `Instant`, so that one clock
+    /// orders every deadline (`next_due` compares them) and tests can set it.
+    expires: u64,
 }
 
 enum Claim {
@@ -29,41 +154,731 @@ enum Claim {
 
 #[derive(Default)]
 struct State {
-    lanes: HashMap<String, Lane>,
-    idempotency: HashMap<(String, String), Claim>,
-    gone: BTreeSet<String>,
+    apps: HashMap<String, App>,
+    /// (score, app) of every app with an eligible partition.
+    ring: BTreeSet<(u64, String)>,
+    vclock: u64,
+    /// Lease id (decimal) → lease.
+    leases: HashMap<u64, Lease>,
+    /// (expiry, lease id): which leases lapse first.
+    lease_expiry: BTreeSet<(u64, u64)>,
+    /// (due, seq) → job.
+    delayed: BTreeMap<(u64, u64), Job>,
+    /// (hold until, app, endpoint): mirrors every nonzero `hold_until`.
+    holds: BTreeSet<(u64, String, String)>,
+    /// Orders delayed jobs and names leases and dead letters.
     seq: u64,
+    dead: Vec<(String, DeadLetter)>,
+    stats: BTreeMap<String, u64>,
+    limits: Limits,
+    idempotency: HashMap<(String, String), Claim>,
+    /// An app joined the ring since the doorbell last rang.
+    joined: bool,
+}
+
+/// Room left for this take, per app and per endpoint: what the request said,
+/// else the cap; spent as jobs are taken.
+struct Rooms {
+    apps: HashMap<String, usize>,
+    endpoints: HashMap<(String, String), usize>,
+}
+
+impl Rooms {
+    fn new(request: &TakeRequest) -> Self {
+        Rooms {
+            apps: request.app_room.iter().cloned().collect(),
+            endpoints: request.endpoint_room.iter().cloned().collect(),
+        }
+    }
+
+    fn app(&mut self, app: &str, cap: usize) -> &mut usize {
+        self.apps.entry(app.to_string()).or_insert(cap)
+    }
+
+    fn endpoint(&mut self, app: &str, endpoint: &str, cap: usize) -> &mut usize {
+        self.endpoints
+            .entry((app.to_string(), endpoint.to_string()))
+            .or_insert(cap)
+    }
+}
+
+fn tick(vclock: &mut u64) -> u64 {
+    *vclock += 1;
+    *vclock
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl State {
-    fn lane(&mut self, queue: &str) -> &mut Lane {
-        self.lanes.entry(queue.to_string()).or_default()
-    }
-
-    fn next_id(&mut self) -> String {
+    fn next_seq(&mut self) -> u64 {
         self.seq += 1;
-        format!("{}-{}", now_ms(), self.seq)
+        self.seq
     }
 
-    fn push(&mut self, queue: &str, job: Job) {
-        let id = self.next_id();
-        let lane = self.lane(queue);
-        lane.ready.push_back((id, job));
-        lane.notify.notify_waiters();
+    fn endpoint_mut(&mut self, app: &str, endpoint: &str) -> &mut Endpoint {
+        self.apps
+            .entry(app.to_string())
+            .or_default()
+            .endpoints
+            .entry(endpoint.to_string())
+            .or_default()
+    }
+
+    fn waiting(&self, app: &str, part: &Part) -> usize {
+        self.apps
+            .get(app)
+            .and_then(|a| a.parts.get(part))
+            .map_or(0, VecDeque::len)
+    }
+
+    /// Brings the partition's place in the app's rotation, and the app's in
+    /// the ring, in line with whether it has jobs and is held. A partition
+    /// (or app) that joins goes to the back; one already in keeps its place.
+    fn refresh(&mut self, app: &str, part: &Part) {
+        let Some(a) = self.apps.get_mut(app) else {
+            return;
+        };
+        let waiting = a.parts.get(part).is_some_and(|q| !q.is_empty());
+        let held = part
+            .as_ref()
+            .and_then(|ep| a.endpoints.get(ep))
+            .is_some_and(|e| e.hold_until != 0);
+        match (waiting && !held, a.scores.get(part).copied()) {
+            (true, None) => {
+                let score = tick(&mut self.vclock);
+                a.scores.insert(part.clone(), score);
+                a.eligible.insert((score, part.clone()));
+                if a.turn.is_none() {
+                    let turn = tick(&mut self.vclock);
+                    a.turn = Some(turn);
+                    self.ring.insert((turn, app.to_string()));
+                    self.joined = true;
+                }
+            }
+            (false, Some(score)) => {
+                a.scores.remove(part);
+                a.eligible.remove(&(score, part.clone()));
+                if a.eligible.is_empty()
+                    && let Some(turn) = a.turn.take()
+                {
+                    self.ring.remove(&(turn, app.to_string()));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends an eligible partition to the back of its app's rotation.
+    fn partition_to_back(&mut self, app: &str, part: &Part) {
+        if let Some(a) = self.apps.get_mut(app)
+            && let Some(old) = a.scores.get(part).copied()
+        {
+            a.eligible.remove(&(old, part.clone()));
+            let score = tick(&mut self.vclock);
+            a.scores.insert(part.clone(), score);
+            a.eligible.insert((score, part.clone()));
+        }
+    }
+
+    /// Sends an app still in the ring to its back.
+    fn app_to_back(&mut self, app: &str) {
+        if let Some(a) = self.apps.get_mut(app)
+            && let Some(old) = a.turn
+        {
+            self.ring.remove(&(old, app.to_string()));
+            let turn = tick(&mut self.vclock);
+            a.turn = Some(turn);
+            self.ring.insert((turn, app.to_string()));
+        }
+    }
+
+    fn push_back(&mut self, app: &str, job: Job) {
+        let part = job.endpoint.clone();
+        let a = self.apps.entry(app.to_string()).or_default();
+        a.parts.entry(part.clone()).or_default().push_back(job);
+        self.refresh(app, &part);
+    }
+
+    fn push_front(&mut self, app: &str, part: Part, job: Job) {
+        let a = self.apps.entry(app.to_string()).or_default();
+        a.parts.entry(part.clone()).or_default().push_front(job);
+        self.refresh(app, &part);
+    }
+
+    /// Holds the endpoint's partition until `until`, replacing any hold.
+    fn set_hold(&mut self, app: &str, endpoint: &str, until: u64) {
+        // 0 means "not held"; a hold ending at the epoch still has to hold.
+        let until = until.max(1);
+        let e = self.endpoint_mut(app, endpoint);
+        let old = std::mem::replace(&mut e.hold_until, until);
+        if old != 0 {
+            self.holds
+                .remove(&(old, app.to_string(), endpoint.to_string()));
+        }
+        self.holds
+            .insert((until, app.to_string(), endpoint.to_string()));
+        self.refresh(app, &Some(endpoint.to_string()));
+    }
+
+    fn end_hold(&mut self, app: &str, endpoint: &str) {
+        let Some(e) = self
+            .apps
+            .get_mut(app)
+            .and_then(|a| a.endpoints.get_mut(endpoint))
+        else {
+            return;
+        };
+        let old = std::mem::take(&mut e.hold_until);
+        if old != 0 {
+            self.holds
+                .remove(&(old, app.to_string(), endpoint.to_string()));
+        }
+        self.refresh(app, &Some(endpoint.to_string()));
+    }
+
+    fn lease_expiry(&self, lease: &str) -> Option<u64> {
+        let id = lease.parse::<u64>().ok()?;
+        self.leases.get(&id).map(|l| l.expires)
+    }
+
+    /// Replaces the tenancy; what is queued keeps its place.
+    fn configure(&mut self, tenancy: &Tenancy) {
+        self.limits = Limits::new(tenancy);
+    }
+
+    fn enqueue(&mut self, app: &str, jobs: &[Job]) {
+        for job in jobs {
+            self.push_back(app, job.clone());
+        }
+    }
+
+    /// Settles the deadlines that passed: lapsed leases, due retries, holds.
+    fn maintain(&mut self, now: u64) {
+        let mut lapsed = Vec::new();
+        while let Some(&(expires, id)) = self.lease_expiry.first()
+            && expires <= now
+        {
+            self.lease_expiry.pop_first();
+            lapsed.push(id);
+        }
+        // Each goes to the front of its partition: the newest first, so that
+        // jobs taken together return in their original order.
+        lapsed.sort_unstable_by(|a, b| b.cmp(a));
+        for id in lapsed {
+            let Some(lease) = self.leases.remove(&id) else {
+                continue;
+            };
+            if let Some(ep) = &lease.part {
+                let e = self.endpoint_mut(&lease.app, ep);
+                if e.probe.as_deref() == Some(id.to_string().as_str()) {
+                    e.probe = None;
+                }
+            }
+            self.push_front(&lease.app, lease.part, lease.job);
+        }
+
+        while let Some(entry) = self.delayed.first_entry()
+            && entry.key().0 <= now
+        {
+            let job = entry.remove();
+            let app = job.app_id.clone();
+            self.push_back(&app, job);
+        }
+
+        while let Some(first) = self.holds.first()
+            && first.0 <= now
+        {
+            let Some((_, app, endpoint)) = self.holds.pop_first() else {
+                break;
+            };
+            let e = self.endpoint_mut(&app, &endpoint);
+            e.hold_until = 0;
+            // The cool-down is over: the next job is the probe.
+            if e.breaker.state == BreakerState::Open {
+                e.breaker.state = BreakerState::HalfOpen;
+            }
+            self.refresh(&app, &Some(endpoint));
+        }
+    }
+
+    fn take(&mut self, options: &QueueOptions, request: &TakeRequest, now: u64) -> Taken {
+        self.maintain(now);
+        let mut taken = Taken::default();
+        let mut rooms = Rooms::new(request);
+        let mut remaining = request.max;
+        // Apps served go to the back of the ring, behind the cursor, and come
+        // round again; an app that gave nothing stays behind it (nothing it
+        // lacked comes back during this call). The walk ends when nothing is
+        // left after the cursor: a pass that gave nothing.
+        let mut cursor: Option<(u64, String)> = None;
+        let mut stuck: HashSet<String> = HashSet::new();
+        let mut took_new_events: BTreeSet<String> = BTreeSet::new();
+        while remaining > 0 {
+            let next = match &cursor {
+                None => self.ring.first(),
+                Some(c) => self
+                    .ring
+                    .range((Bound::Excluded(c), Bound::Unbounded))
+                    .next(),
+            };
+            let Some((score, app)) = next.cloned() else {
+                break;
+            };
+            cursor = Some((score, app.clone()));
+            let (per_turn, cap) = self.limits.app(&app);
+            let room = *rooms.app(&app, cap);
+            let (gave, new_events) = if room == 0 {
+                (0, 0)
+            } else {
+                let budget = per_turn.min(room).min(remaining);
+                self.turn(options, &app, budget, &mut rooms, now, &mut taken.jobs)
+            };
+            if gave == 0 {
+                stuck.insert(app);
+                continue;
+            }
+            remaining -= gave;
+            *rooms.app(&app, cap) -= gave;
+            if new_events > 0 {
+                took_new_events.insert(app.clone());
+            }
+            self.app_to_back(&app);
+        }
+        // Computed once all turns are done, as the Redis script does: what
+        // routing must respect is the state after this whole take.
+        for app in took_new_events {
+            let busy = self.busy(&app, now);
+            taken.busy.insert(app, busy);
+        }
+        taken.more = remaining == 0 && self.ring.iter().any(|(_, app)| !stuck.contains(app));
+        if taken.more {
+            // Work is left that this worker has no budget for: wake another.
+            self.joined = true;
+        }
+        taken.next_due = self.next_due(now);
+        taken
+    }
+
+    /// One app's turn: its eligible partitions in rotation until `budget`
+    /// jobs are taken. Returns (jobs taken, of which new events).
+    fn turn(
+        &mut self,
+        options: &QueueOptions,
+        app: &str,
+        budget: usize,
+        rooms: &mut Rooms,
+        now: u64,
+        out: &mut Vec<Leased>,
+    ) -> (usize, usize) {
+        let mut left = budget;
+        let mut new_events = 0;
+        let mut cursor: Option<(u64, Part)> = None;
+        while left > 0 {
+            let Some(a) = self.apps.get(app) else {
+                break;
+            };
+            let next = match &cursor {
+                None => a.eligible.first(),
+                Some(c) => a
+                    .eligible
+                    .range((Bound::Excluded(c), Bound::Unbounded))
+                    .next(),
+            };
+            let Some((score, part)) = next.cloned() else {
+                break;
+            };
+            cursor = Some((score, part.clone()));
+            let n = match &part {
+                None => {
+                    let n = self.lease_out(options, app, &part, left, None, now, out);
+                    new_events += n;
+                    n
+                }
+                Some(ep) => self.take_endpoint(options, app, ep, left, rooms, now, out),
+            };
+            if n > 0 {
+                left -= n;
+                self.partition_to_back(app, &part);
+            }
+        }
+        (budget - left, new_events)
+    }
+
+    /// Takes from an endpoint's partition what its room, breaker and rate
+    /// limit allow, holding the partition when they say to wait.
+    #[allow(clippy::too_many_arguments)]
+    fn take_endpoint(
+        &mut self,
+        options: &QueueOptions,
+        app: &str,
+        endpoint: &str,
+        budget: usize,
+        rooms: &mut Rooms,
+        now: u64,
+        out: &mut Vec<Leased>,
+    ) -> usize {
+        let (cap, limit) = self.limits.endpoint(app, endpoint);
+        let room = *rooms.endpoint(app, endpoint, cap);
+        if room == 0 {
+            return 0;
+        }
+        let part = Some(endpoint.to_string());
+        // Never ask the rate limiter for more than waits: it would charge for
+        // requests that are not sent.
+        let want = budget.min(room).min(self.waiting(app, &part));
+        let e = self.endpoint_mut(app, endpoint);
+        let state = e.breaker.state;
+        let n = match state {
+            BreakerState::Disabled => {
+                let reason = e
+                    .breaker
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "endpoint disabled".to_string());
+                self.lease_out(options, app, &part, want, Some(&reason), now, out)
+            }
+            BreakerState::HalfOpen | BreakerState::Open => {
+                let probe = e.probe.clone();
+                if let Some(expires) = probe.and_then(|p| self.lease_expiry(&p)) {
+                    self.set_hold(app, endpoint, expires);
+                    0
+                } else {
+                    let n = self.lease_out(options, app, &part, want.min(1), None, now, out);
+                    if n > 0 {
+                        let lease = out.last().map(|l| l.lease.clone());
+                        let e = self.endpoint_mut(app, endpoint);
+                        e.probe = lease;
+                        // An open breaker whose hold was ended early (not by
+                        // its cool-down) is probed all the same.
+                        e.breaker.state = BreakerState::HalfOpen;
+                        // No more jobs until the probe's outcome is in; if it
+                        // never is, the lease lapses with this hold.
+                        let until = now.saturating_add(millis(options.lease));
+                        self.set_hold(app, endpoint, until);
+                    }
+                    n
+                }
+            }
+            BreakerState::Closed => match limit {
+                Some(limit) => {
+                    let admit = ratelimit::admit(
+                        limit.interval_ms(),
+                        limit.tolerance_ms(),
+                        e.tat,
+                        now as f64,
+                        u32::try_from(want).unwrap_or(u32::MAX),
+                    );
+                    e.tat = Some(admit.tat);
+                    let n =
+                        self.lease_out(options, app, &part, admit.allowed as usize, None, now, out);
+                    if let Some(next) = admit.next_at {
+                        self.set_hold(app, endpoint, next.ceil() as u64);
+                    }
+                    n
+                }
+                None => self.lease_out(options, app, &part, want, None, now, out),
+            },
+        };
+        *rooms.endpoint(app, endpoint, cap) -= n;
+        n
+    }
+
+    /// Pops up to `n` jobs from the front of a partition and leases them.
+    #[allow(clippy::too_many_arguments)]
+    fn lease_out(
+        &mut self,
+        options: &QueueOptions,
+        app: &str,
+        part: &Part,
+        n: usize,
+        disabled: Option<&str>,
+        now: u64,
+        out: &mut Vec<Leased>,
+    ) -> usize {
+        let expires = now.saturating_add(millis(options.lease));
+        let Some(queue) = self.apps.get_mut(app).and_then(|a| a.parts.get_mut(part)) else {
+            return 0;
+        };
+        let mut count = 0;
+        while count < n
+            && let Some(job) = queue.pop_front()
+        {
+            self.seq += 1;
+            let id = self.seq;
+            out.push(Leased {
+                lease: id.to_string(),
+                app: app.to_string(),
+                endpoint: part.clone(),
+                job: Ok(job.clone()),
+                disabled: disabled.map(str::to_string),
+            });
+            self.leases.insert(
+                id,
+                Lease {
+                    app: app.to_string(),
+                    part: part.clone(),
+                    job,
+                    expires,
+                },
+            );
+            self.lease_expiry.insert((expires, id));
+            count += 1;
+        }
+        if queue.is_empty() {
+            if let Some(a) = self.apps.get_mut(app) {
+                a.parts.remove(part);
+            }
+            self.refresh(app, part);
+        }
+        count
+    }
+
+    /// The app's endpoints that routing must not send to directly: jobs wait
+    /// for them, they are held, or their breaker is not closed.
+    fn busy(&self, app: &str, now: u64) -> Vec<String> {
+        let Some(a) = self.apps.get(app) else {
+            return Vec::new();
+        };
+        let waiting = a
+            .parts
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .filter_map(|(part, _)| part.as_ref());
+        let troubled = a
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.hold_until > now || e.breaker.state != BreakerState::Closed)
+            .map(|(ep, _)| ep);
+        let busy: BTreeSet<&String> = waiting.chain(troubled).collect();
+        busy.into_iter().cloned().collect()
+    }
+
+    fn next_due(&self, now: u64) -> Option<Duration> {
+        let retry = self.delayed.first_key_value().map(|(&(due, _), _)| due);
+        let hold = self.holds.first().map(|(until, _, _)| *until);
+        let lease = self.lease_expiry.first().map(|(expires, _)| *expires);
+        [retry, hold, lease]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|at| Duration::from_millis(at.saturating_sub(now)))
+    }
+
+    fn commit(
+        &mut self,
+        options: &QueueOptions,
+        completions: &[Completion],
+        now: u64,
+    ) -> Vec<StateChange> {
+        let mut changes = Vec::new();
+        for completion in completions {
+            let lease = completion
+                .lease
+                .parse::<u64>()
+                .ok()
+                .and_then(|id| Some((id, self.leases.remove(&id)?)));
+            let lease = lease.map(|(id, l)| {
+                self.lease_expiry.remove(&(l.expires, id));
+                l
+            });
+            for effect in &completion.effects {
+                match effect {
+                    // What the endpoint said is true whoever holds the lease.
+                    Effect::Health {
+                        app,
+                        endpoint,
+                        signal,
+                    } => self.health(options, app, endpoint, signal, now, &mut changes),
+                    // A lapsed lease: the job went back to its partition and
+                    // another worker owns it now.
+                    _ if lease.is_none() => {}
+                    Effect::Enqueue(job) => {
+                        let app = job.app_id.clone();
+                        self.push_back(&app, job.clone());
+                    }
+                    Effect::Schedule { job, delay_ms } => {
+                        let seq = self.next_seq();
+                        self.delayed
+                            .insert((now.saturating_add(*delay_ms), seq), job.clone());
+                    }
+                    Effect::DeadLetter(letter) => {
+                        let id = format!("{now}-{}", self.next_seq());
+                        self.dead.push((id, letter.clone()));
+                    }
+                    Effect::Count(stat) => {
+                        *self.stats.entry(stat.name().to_string()).or_default() += 1;
+                    }
+                }
+            }
+            if let Some(Lease {
+                app,
+                part: Some(endpoint),
+                ..
+            }) = &lease
+            {
+                let e = self.endpoint_mut(app, endpoint);
+                if e.probe.as_deref() == Some(completion.lease.as_str()) {
+                    e.probe = None;
+                    // The probe came back without a verdict (it was parked or
+                    // dropped): let the next take send another.
+                    if e.breaker.state == BreakerState::HalfOpen {
+                        self.end_hold(app, endpoint);
+                    }
+                }
+            }
+        }
+        changes
+    }
+
+    fn health(
+        &mut self,
+        options: &QueueOptions,
+        app: &str,
+        endpoint: &str,
+        signal: &Signal,
+        now: u64,
+        changes: &mut Vec<StateChange>,
+    ) {
+        if let Signal::SlowDown(wait) = signal {
+            let until = now.saturating_add(millis((*wait).min(options.max_hold)));
+            let current = self.endpoint_mut(app, endpoint).hold_until;
+            self.set_hold(app, endpoint, current.max(until));
+            return;
+        }
+        let e = self.endpoint_mut(app, endpoint);
+        let change = e.breaker.record(&options.breaker, signal, now);
+        match change {
+            Some(BreakerState::Open) => {
+                let until = e.breaker.open_until;
+                self.set_hold(app, endpoint, until);
+            }
+            Some(BreakerState::Closed | BreakerState::Disabled) => {
+                e.probe = None;
+                self.end_hold(app, endpoint);
+            }
+            _ => {}
+        }
+        if let Some(state) = change {
+            changes.push(StateChange {
+                app: app.to_string(),
+                endpoint: endpoint.to_string(),
+                state,
+            });
+        }
+    }
+
+    /// Back to a closed breaker with no history, hold, probe or rate state.
+    fn reset_endpoint(&mut self, app: &str, endpoint: &str) {
+        if let Some(e) = self
+            .apps
+            .get_mut(app)
+            .and_then(|a| a.endpoints.remove(endpoint))
+            && e.hold_until != 0
+        {
+            self.holds
+                .remove(&(e.hold_until, app.to_string(), endpoint.to_string()));
+        }
+        self.refresh(app, &Some(endpoint.to_string()));
+    }
+
+    fn replay(&mut self, id: &str, job: &Job) -> Result<(), QueueError> {
+        let Some(at) = self.dead.iter().position(|(d, _)| d == id) else {
+            return Err(QueueError::NoSuchDeadLetter(id.to_string()));
+        };
+        self.dead.remove(at);
+        let app = job.app_id.clone();
+        self.push_back(&app, job.clone());
+        // Replaying is the operator saying a disabled endpoint works again.
+        if let Some(endpoint) = &job.endpoint
+            && self
+                .apps
+                .get(&app)
+                .and_then(|a| a.endpoints.get(endpoint))
+                .is_some_and(|e| e.breaker.state == BreakerState::Disabled)
+        {
+            self.reset_endpoint(&app, endpoint);
+        }
+        Ok(())
+    }
+
+    fn depth(&self, now: u64) -> Depth {
+        Depth {
+            ready: self
+                .apps
+                .values()
+                .flat_map(|a| a.parts.values())
+                .map(|q| q.len() as u64)
+                .sum(),
+            in_flight: self.leases.len() as u64,
+            delayed: self.delayed.len() as u64,
+            held: self
+                .holds
+                .iter()
+                .filter(|(until, _, _)| *until > now)
+                .count() as u64,
+            active_apps: self.ring.len() as u64,
+            dead: self.dead.len() as u64,
+        }
+    }
+
+    fn app_depth(&self, app: &str, endpoints: &[String]) -> Vec<(Option<String>, u64)> {
+        std::iter::once(None)
+            .chain(endpoints.iter().cloned().map(Some))
+            .map(|part| {
+                let n = self.waiting(app, &part) as u64;
+                (part, n)
+            })
+            .collect()
+    }
+
+    fn endpoints(
+        &self,
+        options: &QueueOptions,
+        which: &[(String, String)],
+        now: u64,
+    ) -> Vec<EndpointStatus> {
+        let unknown = Endpoint::default();
+        which
+            .iter()
+            .map(|(app, endpoint)| {
+                let e = self
+                    .apps
+                    .get(app)
+                    .and_then(|a| a.endpoints.get(endpoint))
+                    .unwrap_or(&unknown);
+                let (requests, failures) = e.breaker.window(&options.breaker, now);
+                EndpointStatus {
+                    app: app.clone(),
+                    endpoint: endpoint.clone(),
+                    state: e.breaker.state,
+                    waiting: self.waiting(app, &Some(endpoint.clone())) as u64,
+                    requests,
+                    failures,
+                    consecutive_failures: e.breaker.consecutive,
+                    failing_since_ms: e.breaker.failing_since,
+                    held_until_ms: (e.hold_until > now).then_some(e.hold_until),
+                    reason: e.breaker.reason.clone(),
+                }
+            })
+            .collect()
     }
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct MemoryQueue {
     state: Arc<Mutex<State>>,
-    configured: Arc<Vec<String>>,
+    options: Arc<QueueOptions>,
+    doorbell: Arc<Notify>,
 }
 
 impl MemoryQueue {
-    pub fn new(configured: Vec<String>) -> Self {
+    pub fn new(options: QueueOptions) -> Self {
         MemoryQueue {
             state: Arc::default(),
-            configured: Arc::new(configured),
+            options: Arc::new(options),
+            doorbell: Arc::new(Notify::new()),
         }
     }
 
@@ -75,183 +890,107 @@ impl MemoryQueue {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub(super) async fn enqueue(&self, jobs: &[(String, Job)]) -> Result<(), QueueError> {
-        let mut state = self.lock();
-        for (queue, job) in jobs {
-            state.push(queue, job.clone());
+    /// Wakes idle workers: every one waiting now, and the next to wait, in
+    /// case it was between its take and its wait. A spare wake costs one
+    /// empty take.
+    fn ring(&self) {
+        self.doorbell.notify_waiters();
+        self.doorbell.notify_one();
+    }
+
+    fn ring_if_joined(&self, state: &mut State) {
+        if std::mem::take(&mut state.joined) {
+            self.ring();
         }
+    }
+
+    pub(super) async fn enqueue(&self, app: &str, jobs: &[Job]) -> Result<(), QueueError> {
+        let mut state = self.lock();
+        state.enqueue(app, jobs);
+        state.joined = false;
+        self.ring();
         Ok(())
     }
 
-    pub(super) async fn queues(&self) -> Result<Vec<String>, QueueError> {
-        let state = self.lock();
-        let mut names: Vec<String> = state
-            .lanes
-            .keys()
-            .cloned()
-            .chain(self.configured.iter().cloned())
-            .collect();
-        names.sort();
-        names.dedup();
-        Ok(names)
-    }
-
-    pub(super) async fn prepare(&self, queue: &str) -> Result<(), QueueError> {
-        self.lock().lane(queue);
+    pub(super) async fn configure(&self, tenancy: &Tenancy) -> Result<(), QueueError> {
+        self.lock().configure(tenancy);
         Ok(())
     }
 
-    pub(super) fn reader(&self, queue: &str) -> MemoryReader {
-        MemoryReader {
-            queue: self.clone(),
-            name: queue.to_string(),
-        }
-    }
-
-    pub(super) async fn reclaim(
-        &self,
-        queue: &str,
-        _consumer: &str,
-        min_idle: Duration,
-        count: usize,
-    ) -> Result<Vec<Entry>, QueueError> {
+    pub(super) async fn take(&self, request: &TakeRequest) -> Result<Taken, QueueError> {
         let mut state = self.lock();
-        let lane = state.lane(queue);
-        let now = Instant::now();
-        let mut out = Vec::new();
-        for (id, (job, taken)) in lane.in_flight.iter_mut() {
-            if out.len() >= count {
-                break;
-            }
-            if now.duration_since(*taken) >= min_idle {
-                *taken = now;
-                out.push(Entry {
-                    id: id.clone(),
-                    job: Ok(job.clone()),
-                });
-            }
-        }
-        Ok(out)
+        let taken = state.take(&self.options, request, now_ms());
+        self.ring_if_joined(&mut state);
+        Ok(taken)
     }
 
     pub(super) async fn commit(
         &self,
-        queue: &str,
         completions: &[Completion],
-    ) -> Result<(), QueueError> {
+    ) -> Result<Vec<StateChange>, QueueError> {
         let mut state = self.lock();
-        for c in completions {
-            for effect in &c.effects {
-                match effect {
-                    Effect::Enqueue(job) => state.push(queue, job.clone()),
-                    Effect::Schedule { job, at_ms } => {
-                        state.seq += 1;
-                        let seq = state.seq;
-                        state.lane(queue).delayed.insert((*at_ms, seq), job.clone());
-                    }
-                    Effect::DeadLetter(letter) => {
-                        let id = state.next_id();
-                        state.lane(queue).dead.push((id, letter.clone()));
-                    }
-                    Effect::Count(stat) => {
-                        *state
-                            .lane(queue)
-                            .stats
-                            .entry(stat.name().to_string())
-                            .or_default() += 1
-                    }
-                }
-            }
-            state.lane(queue).in_flight.remove(&c.entry_id);
-        }
-        Ok(())
+        let changes = state.commit(&self.options, completions, now_ms());
+        self.ring_if_joined(&mut state);
+        Ok(changes)
     }
 
-    pub(super) async fn promote_due(
-        &self,
-        queue: &str,
-        now_ms: u64,
-        limit: usize,
-    ) -> Result<(usize, Option<u64>), QueueError> {
-        let mut state = self.lock();
-        let mut due = Vec::new();
-        {
-            let lane = state.lane(queue);
-            while due.len() < limit {
-                match lane.delayed.first_key_value() {
-                    Some((&(at, _), _)) if at <= now_ms => {
-                        due.push(lane.delayed.pop_first().expect("checked").1)
-                    }
-                    _ => break,
-                }
-            }
-        }
-        let moved = due.len();
-        for job in due {
-            state.push(queue, job);
-        }
-        let next = state
-            .lane(queue)
-            .delayed
-            .first_key_value()
-            .map(|(&(at, _), _)| at);
-        Ok((moved, next))
+    pub(super) fn doorbell(&self) -> Arc<Notify> {
+        self.doorbell.clone()
     }
 
     pub(super) async fn dead_letters(
         &self,
-        queue: &str,
         count: usize,
     ) -> Result<Vec<(String, DeadLetter)>, QueueError> {
-        let mut state = self.lock();
-        Ok(state
-            .lane(queue)
-            .dead
-            .iter()
-            .take(count)
-            .map(|(id, l)| (super::entry::dead_letter_id(queue, id), l.clone()))
-            .collect())
+        Ok(self.lock().dead.iter().take(count).cloned().collect())
     }
 
-    pub(super) async fn dead_letter(
-        &self,
-        queue: &str,
-        entry_id: &str,
-    ) -> Result<Option<DeadLetter>, QueueError> {
-        let mut state = self.lock();
-        Ok(state
-            .lane(queue)
+    pub(super) async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, QueueError> {
+        Ok(self
+            .lock()
             .dead
             .iter()
-            .find(|(id, _)| id == entry_id)
-            .map(|(_, l)| l.clone()))
+            .find(|(d, _)| d == id)
+            .map(|(_, letter)| letter.clone()))
     }
 
-    pub(super) async fn replay(
-        &self,
-        queue: &str,
-        entry_id: &str,
-        job: &Job,
-    ) -> Result<(), QueueError> {
+    pub(super) async fn replay(&self, id: &str, job: &Job) -> Result<(), QueueError> {
         let mut state = self.lock();
-        state.lane(queue).dead.retain(|(id, _)| id != entry_id);
-        state.push(queue, job.clone());
+        state.replay(id, job)?;
+        state.joined = false;
+        self.ring();
         Ok(())
     }
 
-    pub(super) async fn stats(&self, queue: &str) -> Result<BTreeMap<String, u64>, QueueError> {
-        Ok(self.lock().lane(queue).stats.clone())
+    pub(super) async fn stats(&self) -> Result<BTreeMap<String, u64>, QueueError> {
+        Ok(self.lock().stats.clone())
     }
 
-    pub(super) async fn depth(&self, queue: &str) -> Result<Depth, QueueError> {
+    pub(super) async fn depth(&self) -> Result<Depth, QueueError> {
+        Ok(self.lock().depth(now_ms()))
+    }
+
+    pub(super) async fn app_depth(
+        &self,
+        app: &str,
+        endpoints: &[String],
+    ) -> Result<Vec<(Option<String>, u64)>, QueueError> {
+        Ok(self.lock().app_depth(app, endpoints))
+    }
+
+    pub(super) async fn endpoints(
+        &self,
+        which: &[(String, String)],
+    ) -> Result<Vec<EndpointStatus>, QueueError> {
+        Ok(self.lock().endpoints(&self.options, which, now_ms()))
+    }
+
+    pub(super) async fn reset_endpoint(&self, app: &str, endpoint: &str) -> Result<(), QueueError> {
         let mut state = self.lock();
-        let lane = state.lane(queue);
-        Ok(Depth {
-            ready: lane.ready.len() as u64,
-            in_flight: lane.in_flight.len() as u64,
-            delayed: lane.delayed.len() as u64,
-            dead: lane.dead.len() as u64,
-        })
+        state.reset_endpoint(app, endpoint);
+        state.joined = false;
+        self.ring();
+        Ok(())
     }
 
     pub(super) async fn ping(&self) -> Result<(), QueueError> {
@@ -301,62 +1040,640 @@ impl MemoryQueue {
             .remove(&(app.to_string(), key.to_string()));
         Ok(())
     }
-
-    pub(super) async fn gone(&self) -> Result<Vec<String>, QueueError> {
-        Ok(self.lock().gone.iter().cloned().collect())
-    }
-
-    pub(super) async fn set_gone(&self, endpoint: &str, gone: bool) -> Result<(), QueueError> {
-        let mut state = self.lock();
-        if gone {
-            state.gone.insert(endpoint.to_string());
-        } else {
-            state.gone.remove(endpoint);
-        }
-        Ok(())
-    }
 }
 
-pub struct MemoryReader {
-    queue: MemoryQueue,
-    name: String,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::breaker::BreakerSettings;
+    use crate::event::Event;
+    use crate::queue::{EndpointTenancy, Stat};
 
-impl MemoryReader {
-    pub(super) async fn read(
-        &mut self,
-        count: usize,
-        block: Duration,
-    ) -> Result<Vec<Entry>, QueueError> {
-        let deadline = tokio::time::Instant::now() + block;
-        loop {
-            let notify = {
-                let mut state = self.queue.lock();
-                let lane = state.lane(&self.name);
-                let mut out = Vec::new();
-                while out.len() < count.max(1) {
-                    let Some((id, job)) = lane.ready.pop_front() else {
-                        break;
-                    };
-                    lane.in_flight
-                        .insert(id.clone(), (job.clone(), Instant::now()));
-                    out.push(Entry { id, job: Ok(job) });
-                }
-                if !out.is_empty() {
-                    return Ok(out);
-                }
-                lane.notify.clone()
-            };
-            let notified = notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            // Re-check after registering, so a push between the two is not missed.
-            if !self.queue.lock().lane(&self.name).ready.is_empty() {
-                continue;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Ok(Vec::new());
-            }
+    /// An arbitrary wall-clock time to start from.
+    const T0: u64 = 1_700_000_000_000;
+
+    fn options() -> QueueOptions {
+        QueueOptions {
+            lease: Duration::from_secs(30),
+            breaker: BreakerSettings {
+                failure_rate: 0.0,
+                consecutive_failures: 1,
+                cool_down: Duration::from_secs(1),
+                max_cool_down: Duration::from_secs(8),
+                disable_after: Duration::ZERO,
+                ..BreakerSettings::default()
+            },
+            max_hold: Duration::from_secs(60),
         }
+    }
+
+    /// Job `n` of an app's partition, with an id that says which.
+    fn job(app: &str, endpoint: Option<&str>, n: usize) -> Job {
+        let event = Event::from_json(serde_json::json!({"name": "e"})).unwrap();
+        let mut job = Job::new(app, event, 0);
+        job.id = format!("{app}/{}/{n}", endpoint.unwrap_or("new"));
+        job.endpoint = endpoint.map(str::to_string);
+        job
+    }
+
+    fn jobs(app: &str, endpoint: Option<&str>, count: usize) -> Vec<Job> {
+        (0..count).map(|n| job(app, endpoint, n)).collect()
+    }
+
+    fn tenancy(quantum: usize) -> Tenancy {
+        Tenancy {
+            quantum,
+            app_weight: 1,
+            app_max_in_flight: 1000,
+            endpoint_max_in_flight: 1000,
+            apps: Vec::new(),
+            endpoints: Vec::new(),
+        }
+    }
+
+    fn take(state: &mut State, max: usize, now: u64) -> Taken {
+        let request = TakeRequest {
+            max,
+            ..TakeRequest::default()
+        };
+        state.take(&options(), &request, now)
+    }
+
+    fn ids(taken: &Taken) -> Vec<String> {
+        taken
+            .jobs
+            .iter()
+            .map(|l| l.job.as_ref().unwrap().id.clone())
+            .collect()
+    }
+
+    fn commit(state: &mut State, lease: &str, effects: Vec<Effect>, now: u64) -> Vec<StateChange> {
+        let completion = Completion {
+            lease: lease.to_string(),
+            effects,
+        };
+        state.commit(&options(), &[completion], now)
+    }
+
+    fn health(app: &str, endpoint: &str, signal: Signal) -> Effect {
+        Effect::Health {
+            app: app.into(),
+            endpoint: endpoint.into(),
+            signal,
+        }
+    }
+
+    fn change(app: &str, endpoint: &str, state: BreakerState) -> StateChange {
+        StateChange {
+            app: app.into(),
+            endpoint: endpoint.into(),
+            state,
+        }
+    }
+
+    fn status(state: &State, app: &str, endpoint: &str, now: u64) -> EndpointStatus {
+        let which = [(app.to_string(), endpoint.to_string())];
+        state.endpoints(&options(), &which, now).remove(0)
+    }
+
+    fn letter(job: &Job) -> DeadLetter {
+        DeadLetter {
+            reason: "answered 410".into(),
+            status: Some(410),
+            response_body: None,
+            attempts: 1,
+            dead_at_ms: T0,
+            job: Some(job.clone()),
+            raw: None,
+        }
+    }
+
+    #[test]
+    fn a_partition_is_first_in_first_out() {
+        let mut s = State::default();
+        s.enqueue("a", &jobs("a", None, 3));
+        s.enqueue("a", &jobs("a", Some("e"), 2));
+        let t = take(&mut s, 10, T0);
+        assert_eq!(ids(&t), ["a/new/0", "a/new/1", "a/new/2", "a/e/0", "a/e/1"]);
+        assert_eq!(t.jobs[0].endpoint, None);
+        assert_eq!(t.jobs[3].endpoint.as_deref(), Some("e"));
+        assert!(t.jobs.iter().all(|l| l.app == "a" && l.disabled.is_none()));
+        let leases: BTreeSet<&str> = t.jobs.iter().map(|l| l.lease.as_str()).collect();
+        assert_eq!(leases.len(), 5, "every lease is its own");
+        assert!(!t.more);
+    }
+
+    #[test]
+    fn apps_take_turns_of_a_quantum() {
+        let mut s = State::default();
+        s.configure(&tenancy(2));
+        s.enqueue("a", &jobs("a", None, 100));
+        s.enqueue("b", &jobs("b", None, 1));
+        let t = take(&mut s, 4, T0);
+        assert_eq!(ids(&t), ["a/new/0", "a/new/1", "b/new/0", "a/new/2"]);
+        assert!(t.more);
+        assert_eq!(t.busy.keys().collect::<Vec<_>>(), ["a", "b"]);
+    }
+
+    #[test]
+    fn a_weight_multiplies_the_turn() {
+        let mut s = State::default();
+        let mut t = tenancy(1);
+        t.apps = vec![("a".into(), 3, 1000)];
+        s.configure(&t);
+        s.enqueue("a", &jobs("a", None, 100));
+        s.enqueue("b", &jobs("b", None, 100));
+        let taken = take(&mut s, 8, T0);
+        let apps: String = taken.jobs.iter().map(|l| l.app.as_str()).collect();
+        assert_eq!(apps, "aaabaaab");
+    }
+
+    #[test]
+    fn an_endpoint_without_room_is_skipped_and_others_still_flow() {
+        let mut s = State::default();
+        s.enqueue("a", &jobs("a", Some("e"), 3));
+        s.enqueue("b", &jobs("b", None, 2));
+        let request = TakeRequest {
+            max: 2,
+            endpoint_room: vec![(("a".into(), "e".into()), 0)],
+            ..TakeRequest::default()
+        };
+        let t = s.take(&options(), &request, T0);
+        assert_eq!(ids(&t), ["b/new/0", "b/new/1"]);
+        assert!(!t.more, "what is left, this worker has no room for");
+        assert_eq!(
+            s.depth(T0).active_apps,
+            1,
+            "skipped, not held: a stays in the ring"
+        );
+        assert_eq!(s.depth(T0).held, 0);
+        assert_eq!(ids(&take(&mut s, 10, T0)), ["a/e/0", "a/e/1", "a/e/2"]);
+    }
+
+    #[test]
+    fn room_caps_an_app_and_an_endpoint() {
+        let mut s = State::default();
+        let mut t = tenancy(8);
+        t.app_max_in_flight = 2;
+        t.apps = vec![("b".into(), 1, 3)];
+        t.endpoints = vec![EndpointTenancy {
+            app: "c".into(),
+            endpoint: "e".into(),
+            max_in_flight: 1,
+            rate_limit: None,
+        }];
+        s.configure(&t);
+        for app in ["a", "b"] {
+            s.enqueue(app, &jobs(app, None, 5));
+        }
+        s.enqueue("c", &jobs("c", Some("e"), 5));
+        s.enqueue("c", &jobs("c", Some("f"), 5));
+        let request = TakeRequest {
+            max: 100,
+            app_room: vec![("c".into(), 4)],
+            ..TakeRequest::default()
+        };
+        let taken = s.take(&options(), &request, T0);
+        let count = |app: &str| taken.jobs.iter().filter(|l| l.app == app).count();
+        assert_eq!((count("a"), count("b"), count("c")), (2, 3, 4));
+        let from_e = taken
+            .jobs
+            .iter()
+            .filter(|l| l.endpoint.as_deref() == Some("e"))
+            .count();
+        assert_eq!(from_e, 1, "the endpoint's own cap");
+        assert!(!taken.more);
+    }
+
+    #[test]
+    fn a_lapsed_lease_returns_to_the_front_and_its_late_commit_counts_only_health() {
+        let mut s = State::default();
+        s.enqueue("a", &jobs("a", None, 2));
+        let first = take(&mut s, 2, T0);
+        assert_eq!(first.next_due, Some(Duration::from_secs(30)));
+        s.enqueue("a", &[job("a", None, 2)]);
+        assert!(ids(&take(&mut s, 10, T0 + 29_999)).contains(&"a/new/2".to_string()));
+
+        let again = take(&mut s, 10, T0 + 30_000);
+        assert_eq!(ids(&again), ["a/new/0", "a/new/1"], "in their order");
+        let late = commit(
+            &mut s,
+            &first.jobs[0].lease,
+            vec![
+                Effect::Count(Stat::Delivered),
+                Effect::Enqueue(job("a", Some("e"), 9)),
+                Effect::DeadLetter(letter(&job("a", None, 0))),
+                health("a", "e", Signal::Failure),
+            ],
+            T0 + 30_001,
+        );
+        assert_eq!(late, [change("a", "e", BreakerState::Open)]);
+        assert!(s.stats.is_empty());
+        let depth = s.depth(T0 + 30_001);
+        assert_eq!((depth.ready, depth.in_flight, depth.dead), (0, 3, 0));
+
+        // The current holder's commit is the one that counts.
+        commit(
+            &mut s,
+            &again.jobs[0].lease,
+            vec![Effect::Count(Stat::Delivered)],
+            T0 + 30_002,
+        );
+        assert_eq!(s.stats.get("delivered"), Some(&1));
+        assert_eq!(s.depth(T0 + 30_002).in_flight, 2);
+    }
+
+    #[test]
+    fn a_scheduled_job_comes_back_when_due() {
+        let mut s = State::default();
+        s.enqueue("a", &[job("a", Some("e"), 0)]);
+        let t = take(&mut s, 1, T0);
+        let mut retry = job("a", Some("e"), 0);
+        retry.attempt = 1;
+        commit(
+            &mut s,
+            &t.jobs[0].lease,
+            vec![
+                Effect::Schedule {
+                    job: retry,
+                    delay_ms: 5000,
+                },
+                Effect::Count(Stat::Retried),
+            ],
+            T0,
+        );
+        assert_eq!(s.depth(T0).delayed, 1);
+        let early = take(&mut s, 10, T0 + 4999);
+        assert!(early.jobs.is_empty());
+        assert_eq!(early.next_due, Some(Duration::from_millis(1)));
+        let due = take(&mut s, 10, T0 + 5000);
+        assert_eq!(ids(&due), ["a/e/0"]);
+        assert_eq!(due.jobs[0].job.as_ref().unwrap().attempt, 1);
+        assert_eq!(s.depth(T0 + 5000).delayed, 0);
+    }
+
+    #[test]
+    fn a_half_open_endpoint_gets_one_probe_until_its_outcome() {
+        let mut s = State::default();
+        s.enqueue("a", &jobs("a", Some("e"), 4));
+        let first = take(&mut s, 1, T0);
+        let opened = commit(
+            &mut s,
+            &first.jobs[0].lease,
+            vec![health("a", "e", Signal::Failure)],
+            T0,
+        );
+        assert_eq!(opened, [change("a", "e", BreakerState::Open)]);
+        assert_eq!(status(&s, "a", "e", T0).held_until_ms, Some(T0 + 1000));
+
+        let cooling = take(&mut s, 10, T0 + 500);
+        assert!(cooling.jobs.is_empty());
+        assert_eq!(cooling.next_due, Some(Duration::from_millis(500)));
+
+        let probe = take(&mut s, 10, T0 + 1000);
+        assert_eq!(ids(&probe), ["a/e/1"], "one probe");
+        assert_eq!(
+            status(&s, "a", "e", T0 + 1000).state,
+            BreakerState::HalfOpen
+        );
+        assert!(take(&mut s, 10, T0 + 2000).jobs.is_empty());
+
+        let closed = commit(
+            &mut s,
+            &probe.jobs[0].lease,
+            vec![health("a", "e", Signal::Success)],
+            T0 + 2000,
+        );
+        assert_eq!(closed, [change("a", "e", BreakerState::Closed)]);
+        assert_eq!(ids(&take(&mut s, 10, T0 + 2000)), ["a/e/2", "a/e/3"]);
+    }
+
+    #[test]
+    fn a_failed_probe_reopens_for_longer_and_one_without_a_verdict_is_sent_again() {
+        let mut s = State::default();
+        s.enqueue("a", &jobs("a", Some("e"), 3));
+        // Health counts without a lease: what the endpoint said is true.
+        commit(&mut s, "none", vec![health("a", "e", Signal::Failure)], T0);
+
+        let probe = take(&mut s, 10, T0 + 1000);
+        assert_eq!(ids(&probe), ["a/e/0"]);
+        commit(
+            &mut s,
+            &probe.jobs[0].lease,
+            vec![Effect::Count(Stat::Dropped)],
+            T0 + 1100,
+        );
+        assert_eq!(
+            status(&s, "a", "e", T0 + 1100).state,
+            BreakerState::HalfOpen
+        );
+        let second = take(&mut s, 10, T0 + 1100);
+        assert_eq!(ids(&second), ["a/e/1"], "the next probe, at once");
+
+        let reopened = commit(
+            &mut s,
+            &second.jobs[0].lease,
+            vec![health("a", "e", Signal::Failure)],
+            T0 + 1200,
+        );
+        assert_eq!(reopened, [change("a", "e", BreakerState::Open)]);
+        assert_eq!(
+            status(&s, "a", "e", T0 + 1200).held_until_ms,
+            Some(T0 + 3200)
+        );
+        assert!(take(&mut s, 10, T0 + 3199).jobs.is_empty());
+        assert_eq!(ids(&take(&mut s, 10, T0 + 3200)), ["a/e/2"]);
+    }
+
+    #[test]
+    fn a_lapsed_probe_is_sent_again() {
+        let mut s = State::default();
+        s.enqueue("a", &jobs("a", Some("e"), 2));
+        commit(&mut s, "none", vec![health("a", "e", Signal::Failure)], T0);
+        let probe = take(&mut s, 10, T0 + 1000);
+        assert_eq!(ids(&probe), ["a/e/0"]);
+        assert_eq!(probe.next_due, Some(Duration::from_secs(30)));
+        let again = take(&mut s, 10, T0 + 31_000);
+        assert_eq!(ids(&again), ["a/e/0"], "the same job, alone");
+    }
+
+    #[test]
+    fn a_rate_limit_admits_its_burst_then_holds() {
+        let mut s = State::default();
+        let mut t = tenancy(8);
+        t.endpoints = vec![EndpointTenancy {
+            app: "a".into(),
+            endpoint: "e".into(),
+            max_in_flight: 1000,
+            rate_limit: Some(RateLimit {
+                count: 10,
+                per: Duration::from_secs(1),
+                burst: 1,
+            }),
+        }];
+        s.configure(&t);
+        s.enqueue("a", &jobs("a", Some("e"), 5));
+        let first = take(&mut s, 10, 0);
+        assert_eq!(ids(&first), ["a/e/0"]);
+        assert_eq!(first.next_due, Some(Duration::from_millis(100)));
+        assert_eq!(status(&s, "a", "e", 0).held_until_ms, Some(100));
+        assert!(take(&mut s, 10, 50).jobs.is_empty());
+        assert_eq!(ids(&take(&mut s, 10, 100)), ["a/e/1"]);
+    }
+
+    #[test]
+    fn slow_down_holds_the_endpoint_no_longer_than_max_hold() {
+        let mut s = State::default();
+        s.enqueue("a", &jobs("a", Some("e"), 3));
+        let t = take(&mut s, 1, T0);
+        let changes = commit(
+            &mut s,
+            &t.jobs[0].lease,
+            vec![health("a", "e", Signal::SlowDown(Duration::from_secs(5)))],
+            T0,
+        );
+        assert!(changes.is_empty());
+        // A shorter wait does not shorten the hold.
+        commit(
+            &mut s,
+            "none",
+            vec![health("a", "e", Signal::SlowDown(Duration::from_secs(1)))],
+            T0,
+        );
+        assert_eq!(status(&s, "a", "e", T0).held_until_ms, Some(T0 + 5000));
+        assert_eq!(s.depth(T0).held, 1);
+        assert!(take(&mut s, 10, T0 + 4999).jobs.is_empty());
+        assert_eq!(ids(&take(&mut s, 1, T0 + 5000)), ["a/e/1"]);
+
+        commit(
+            &mut s,
+            "none",
+            vec![health(
+                "a",
+                "e",
+                Signal::SlowDown(Duration::from_secs(3600)),
+            )],
+            T0 + 5000,
+        );
+        assert_eq!(
+            status(&s, "a", "e", T0 + 5000).held_until_ms,
+            Some(T0 + 65_000)
+        );
+    }
+
+    #[test]
+    fn a_disabled_endpoints_jobs_come_out_marked() {
+        let mut s = State::default();
+        s.enqueue("a", &jobs("a", Some("e"), 3));
+        let t = take(&mut s, 1, T0);
+        let changes = commit(
+            &mut s,
+            &t.jobs[0].lease,
+            vec![health(
+                "a",
+                "e",
+                Signal::Disable("answered 410 Gone".into()),
+            )],
+            T0,
+        );
+        assert_eq!(changes, [change("a", "e", BreakerState::Disabled)]);
+        let rest = take(&mut s, 10, T0);
+        assert_eq!(ids(&rest), ["a/e/1", "a/e/2"]);
+        assert!(
+            rest.jobs
+                .iter()
+                .all(|l| l.disabled.as_deref() == Some("answered 410 Gone"))
+        );
+    }
+
+    #[test]
+    fn busy_names_the_endpoints_routing_must_not_send_to() {
+        let mut s = State::default();
+        s.enqueue("a", &[job("a", None, 0)]);
+        s.enqueue("a", &[job("a", Some("waiting"), 0)]);
+        commit(
+            &mut s,
+            "none",
+            vec![
+                health("a", "held", Signal::SlowDown(Duration::from_secs(5))),
+                health("a", "open", Signal::Failure),
+                health("a", "fine", Signal::Success),
+                health("b", "other", Signal::Failure),
+            ],
+            T0,
+        );
+        let request = TakeRequest {
+            max: 10,
+            endpoint_room: vec![(("a".into(), "waiting".into()), 0)],
+            ..TakeRequest::default()
+        };
+        let t = s.take(&options(), &request, T0);
+        assert_eq!(ids(&t), ["a/new/0"]);
+        assert_eq!(t.busy.len(), 1);
+        assert_eq!(t.busy["a"], ["held", "open", "waiting"]);
+    }
+
+    #[test]
+    fn depth_counts_every_place_a_job_can_be() {
+        let mut s = State::default();
+        s.enqueue("a", &jobs("a", None, 2));
+        s.enqueue("a", &jobs("a", Some("e"), 3));
+        s.enqueue("b", &jobs("b", Some("f"), 1));
+        let t = take(&mut s, 1, T0);
+        assert_eq!(s.depth(T0).in_flight, 1);
+        commit(
+            &mut s,
+            &t.jobs[0].lease,
+            vec![
+                Effect::Schedule {
+                    job: job("a", None, 0),
+                    delay_ms: 1000,
+                },
+                Effect::DeadLetter(letter(&job("a", None, 0))),
+            ],
+            T0,
+        );
+        commit(
+            &mut s,
+            "none",
+            vec![health("b", "f", Signal::SlowDown(Duration::from_secs(10)))],
+            T0,
+        );
+        let depth = s.depth(T0);
+        assert_eq!(
+            depth,
+            Depth {
+                ready: 5,
+                in_flight: 0,
+                delayed: 1,
+                held: 1,
+                active_apps: 1,
+                dead: 1,
+            }
+        );
+        assert_eq!(
+            s.app_depth("a", &["e".into(), "unknown".into()]),
+            [
+                (None, 1),
+                (Some("e".into()), 3),
+                (Some("unknown".into()), 0)
+            ]
+        );
+        let e = status(&s, "a", "unknown", T0);
+        assert_eq!(
+            (e.state, e.waiting, e.held_until_ms),
+            (BreakerState::Closed, 0, None)
+        );
+    }
+
+    #[test]
+    fn replay_enables_only_a_disabled_endpoint() {
+        let mut s = State::default();
+        commit(
+            &mut s,
+            "none",
+            vec![
+                health("a", "off", Signal::Disable("gone".into())),
+                health("a", "open", Signal::Failure),
+            ],
+            T0,
+        );
+        for ep in ["off", "open"] {
+            s.dead
+                .push((format!("{T0}-{ep}"), letter(&job("a", Some(ep), 0))));
+            s.replay(&format!("{T0}-{ep}"), &job("a", Some(ep), 0))
+                .unwrap();
+        }
+        assert_eq!(status(&s, "a", "off", T0).state, BreakerState::Closed);
+        assert_eq!(status(&s, "a", "open", T0).state, BreakerState::Open);
+        assert_eq!(ids(&take(&mut s, 10, T0)), ["a/off/0"]);
+    }
+
+    #[tokio::test]
+    async fn replay_puts_the_job_back_and_enables_the_endpoint() {
+        let q = MemoryQueue::new(options());
+        let bell = q.doorbell();
+        q.enqueue("a", &[job("a", Some("e"), 0)]).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), bell.notified())
+            .await
+            .expect("an enqueue rings the doorbell");
+
+        let request = TakeRequest {
+            max: 10,
+            ..TakeRequest::default()
+        };
+        let t = q.take(&request).await.unwrap();
+        let failed = t.jobs[0].job.clone().unwrap();
+        let changes = q
+            .commit(&[Completion {
+                lease: t.jobs[0].lease.clone(),
+                effects: vec![
+                    health("a", "e", Signal::Disable("answered 410 Gone".into())),
+                    Effect::DeadLetter(letter(&failed)),
+                    Effect::Count(Stat::Dead),
+                ],
+            }])
+            .await
+            .unwrap();
+        assert_eq!(changes, [change("a", "e", BreakerState::Disabled)]);
+        assert_eq!(q.stats().await.unwrap().get("dead"), Some(&1));
+
+        let dead = q.dead_letters(10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        let id = dead[0].0.clone();
+        assert!(super::super::entry::is_stream_id(&id), "{id}");
+        assert_eq!(q.dead_letter(&id).await.unwrap(), Some(dead[0].1.clone()));
+
+        q.replay(&id, &failed).await.unwrap();
+        assert!(q.dead_letters(10).await.unwrap().is_empty());
+        assert!(matches!(
+            q.replay(&id, &failed).await,
+            Err(QueueError::NoSuchDeadLetter(_))
+        ));
+        let which = [("a".to_string(), "e".to_string())];
+        let e = q.endpoints(&which).await.unwrap().remove(0);
+        assert_eq!(
+            (e.state, e.waiting, e.reason),
+            (BreakerState::Closed, 1, None)
+        );
+        let again = q.take(&request).await.unwrap();
+        assert_eq!(again.jobs.len(), 1);
+        assert_eq!(again.jobs[0].job.as_ref().unwrap().id, failed.id);
+        assert_eq!(again.jobs[0].disabled, None);
+        assert_eq!(q.depth().await.unwrap().in_flight, 1);
+    }
+
+    #[tokio::test]
+    async fn reset_endpoint_ends_a_hold_and_rings() {
+        let q = MemoryQueue::new(options());
+        q.enqueue("a", &jobs("a", Some("e"), 2)).await.unwrap();
+        q.commit(&[Completion {
+            lease: "none".into(),
+            effects: vec![health("a", "e", Signal::Failure)],
+        }])
+        .await
+        .unwrap();
+        let request = TakeRequest {
+            max: 10,
+            ..TakeRequest::default()
+        };
+        assert!(
+            q.take(&request).await.unwrap().jobs.is_empty(),
+            "open: held"
+        );
+        let bell = q.doorbell();
+        let rung = bell.notified();
+        tokio::pin!(rung);
+        rung.as_mut().enable();
+        q.reset_endpoint("a", "e").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), rung)
+            .await
+            .expect("a reset rings the doorbell");
+        assert_eq!(q.take(&request).await.unwrap().jobs.len(), 2);
+        assert_eq!(
+            q.app_depth("a", &["e".into()]).await.unwrap(),
+            [(None, 0), (Some("e".into()), 0)]
+        );
+        q.ping().await.unwrap();
     }
 }

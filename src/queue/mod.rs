@@ -1,14 +1,20 @@
-//! The durable job queue: where events wait, where outcomes are recorded.
+//! The durable job queue: where events wait, where outcomes are recorded,
+//! and where the fleet's shared scheduling state lives.
 //!
-//! Two backends behind one type: Redis (streams with a consumer group, a
-//! sorted set for retries, a stream of dead letters; durable, shared by a
-//! fleet) and an in-process queue for the embedded default (not durable).
+//! Jobs wait in **partitions**: each app has one for its new events (not yet
+//! routed) and one per endpoint for jobs aimed at that endpoint (fan-out,
+//! retries that fell due, jobs parked because the endpoint was busy, open or
+//! rate-limited). Apps with waiting work sit in a round-robin ring; a `take`
+//! walks the ring, giving each app a turn of `quantum × weight` jobs, skips
+//! partitions the asking worker has no room for, leases what it takes, and
+//! leaves idle apps untouched: an app without work costs no reads.
 //!
-//! The contract both keep: a job read by a worker is invisible to others until
-//! it is committed; a commit records the job's outcome (its retry, its dead
-//! letter, the jobs it fans out to) and acknowledges it in one atomic step; a
-//! job never committed (its worker died) is handed out again after the
-//! visibility timeout.
+//! Two backends behind one type: Redis (Lua scripts, one hash tag, shared by
+//! a fleet) and an in-process queue for the embedded default (not durable).
+//! The contract both keep: a leased job is invisible to other workers until
+//! its lease is committed or expires (its worker died: it goes back to the
+//! front of its partition); a commit records the job's outcome and releases
+//! the lease in one atomic step, and only if the lease is still held.
 
 pub mod entry;
 pub mod keys;
@@ -24,9 +30,11 @@ pub use self::entry::{DeadLetter, Entry, Malformed};
 pub use self::keys::Keys;
 pub use self::memory::MemoryQueue;
 pub use self::redis::RedisQueue;
+use crate::breaker::{BreakerSettings, Signal, State};
 use crate::event::Job;
+use crate::ratelimit::RateLimit;
 
-/// The consumer group every worker joins.
+/// The consumer group that reads the inbox stream (raw producers).
 pub const GROUP: &str = "workers";
 
 #[derive(Debug, thiserror::Error)]
@@ -39,13 +47,13 @@ pub enum QueueError {
     NoSuchDeadLetter(String),
     #[error("dead letter {0} is a malformed entry; there is no job to replay")]
     NotReplayable(String),
-    #[error("bad dead letter id {0:?}: expected <queue>/<entry id>")]
+    #[error("bad dead letter id {0:?}: expected a stream id like 1700000000000-0")]
     BadDeadLetterId(String),
     #[error("corrupt record in the queue: {0}")]
     Corrupt(String),
 }
 
-/// One outcome counter: how jobs left a queue.
+/// One outcome counter: how jobs left the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stat {
@@ -55,6 +63,9 @@ pub enum Stat {
     Dropped,
     FannedOut,
     Unrouted,
+    /// A routed job waits in its endpoint's partition: the endpoint had no
+    /// room on this worker, jobs waiting before it, or was held.
+    Parked,
     /// A plugin failed and its policy passed the event on unchanged.
     PluginSkipped,
 }
@@ -68,6 +79,7 @@ impl Stat {
             Stat::Dropped => "dropped",
             Stat::FannedOut => "fanned_out",
             Stat::Unrouted => "unrouted",
+            Stat::Parked => "parked",
             Stat::PluginSkipped => "plugin_skipped",
         }
     }
@@ -76,34 +88,160 @@ impl Stat {
 /// Something a commit records.
 #[derive(Debug, Clone)]
 pub enum Effect {
-    /// Put a job on the same queue now (fan-out to endpoints).
+    /// Put a job at the back of its partition: `job.endpoint`'s, or the app's
+    /// new events when None (fan-out, parking).
     Enqueue(Job),
-    /// Put a job on the same queue at a unix-ms time (a retry).
+    /// Put a job in its partition after a delay (a retry).
     Schedule {
         job: Job,
-        at_ms: u64,
+        delay_ms: u64,
     },
     DeadLetter(DeadLetter),
     Count(Stat),
+    /// What an attempt said about an endpoint, for its breaker; recorded even
+    /// when the lease was lost.
+    Health {
+        app: String,
+        endpoint: String,
+        signal: Signal,
+    },
 }
 
-/// A job's outcome, recorded and acknowledged together.
+/// A job's outcome, recorded and its lease released together.
 #[derive(Debug, Clone)]
 pub struct Completion {
-    pub entry_id: String,
+    pub lease: String,
     pub effects: Vec<Effect>,
 }
 
-/// How much is in a queue.
+/// A job a worker has taken.
+#[derive(Debug, Clone)]
+pub struct Leased {
+    /// The lease, for the commit.
+    pub lease: String,
+    pub app: String,
+    /// The partition it came from: None = the app's new events.
+    pub endpoint: Option<String>,
+    pub job: Result<Job, Malformed>,
+    /// The endpoint is disabled (this reason): dead-letter, do not send.
+    pub disabled: Option<String>,
+}
+
+/// What a worker asks of `take`: how many jobs, and how much room it has
+/// left for apps and endpoints that already have jobs in flight on it (any
+/// other app or endpoint has its whole cap).
+#[derive(Debug, Clone, Default)]
+pub struct TakeRequest {
+    pub max: usize,
+    pub app_room: Vec<(String, usize)>,
+    /// ((app, endpoint), room).
+    pub endpoint_room: Vec<((String, String), usize)>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Taken {
+    pub jobs: Vec<Leased>,
+    /// For each app whose new events were taken: its endpoints that must not
+    /// get a delivery straight from routing (jobs already waiting for them,
+    /// held by a rate limit or Retry-After, or a breaker not closed). Their
+    /// routed jobs are parked in the endpoint's partition instead.
+    pub busy: BTreeMap<String, Vec<String>>,
+    /// Eligible work was left that this call had no budget for.
+    pub more: bool,
+    /// Time until the next scheduled change (a retry due, a hold ending, a
+    /// lease expiring), if any.
+    pub next_due: Option<Duration>,
+}
+
+/// Scheduling parameters of apps and endpoints, shared by the fleet (Redis
+/// keeps them in the queue, written by every worker at start and reload).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tenancy {
+    /// Jobs an app gets per turn, times its weight.
+    pub quantum: usize,
+    pub app_weight: u32,
+    /// Jobs of one app in flight on one worker.
+    pub app_max_in_flight: usize,
+    /// Jobs for one endpoint in flight on one worker.
+    pub endpoint_max_in_flight: usize,
+    /// Apps with a weight or cap of their own: (app, weight, max in flight).
+    pub apps: Vec<(String, u32, usize)>,
+    /// Endpoints with a cap or a rate limit of their own.
+    pub endpoints: Vec<EndpointTenancy>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointTenancy {
+    pub app: String,
+    pub endpoint: String,
+    pub max_in_flight: usize,
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// How the queue behaves, fixed for its life.
+#[derive(Debug, Clone)]
+pub struct QueueOptions {
+    /// A lease not committed within this is handed to another worker.
+    pub lease: Duration,
+    pub breaker: BreakerSettings,
+    /// Longest a Retry-After may hold an endpoint.
+    pub max_hold: Duration,
+}
+
+impl Default for QueueOptions {
+    /// The built-in defaults (`src/config/default.toml`).
+    fn default() -> Self {
+        QueueOptions {
+            lease: Duration::from_secs(60),
+            breaker: BreakerSettings::default(),
+            max_hold: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// How much is in the queue.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Depth {
-    /// Waiting to be read.
+    /// Waiting in partitions.
     pub ready: u64,
-    /// Read by a worker, not yet committed.
+    /// Leased by a worker, not yet committed.
     pub in_flight: u64,
     /// Waiting for a retry.
     pub delayed: u64,
+    /// Partitions held (rate limit, Retry-After, open breaker).
+    pub held: u64,
+    /// Apps with eligible work.
+    pub active_apps: u64,
     pub dead: u64,
+}
+
+/// An endpoint as the queue sees it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EndpointStatus {
+    pub app: String,
+    pub endpoint: String,
+    pub state: State,
+    /// Jobs waiting in its partition.
+    pub waiting: u64,
+    /// Answers and failures in the breaker's window.
+    pub requests: u32,
+    pub failures: u32,
+    pub consecutive_failures: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failing_since_ms: Option<u64>,
+    /// Held (no job is taken) until this unix ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_until_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A breaker that changed state in a commit (for the log).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateChange {
+    pub app: String,
+    pub endpoint: String,
+    pub state: State,
 }
 
 /// Where an Idempotency-Key stands.
@@ -126,18 +264,19 @@ pub enum Queue {
     Memory(MemoryQueue),
 }
 
-/// Reads jobs from one queue for one consumer.
-pub enum Reader {
-    Redis(self::redis::RedisReader),
-    Memory(self::memory::MemoryReader),
+/// Wakes an idle worker when work may have arrived.
+pub enum Doorbell {
+    Redis(self::redis::RedisDoorbell),
+    Memory(std::sync::Arc<tokio::sync::Notify>),
 }
 
-impl Reader {
-    /// Up to `count` new jobs, waiting up to `block` for the first.
-    pub async fn read(&mut self, count: usize, block: Duration) -> Result<Vec<Entry>, QueueError> {
+impl Doorbell {
+    /// Returns when the bell rings (or, for Redis, when the subscription had
+    /// to be renewed: a spurious wake is harmless).
+    pub async fn rung(&mut self) {
         match self {
-            Reader::Redis(r) => r.read(count, block).await,
-            Reader::Memory(r) => r.read(count, block).await,
+            Doorbell::Redis(d) => d.rung().await,
+            Doorbell::Memory(n) => n.notified().await,
         }
     }
 }
@@ -156,97 +295,102 @@ impl Queue {
         matches!(self, Queue::Redis(_))
     }
 
-    /// Adds jobs, each to its queue; returns when they are stored.
-    pub async fn enqueue(&self, jobs: &[(String, Job)]) -> Result<(), QueueError> {
-        dispatch!(self, q => q.enqueue(jobs).await)
+    /// Adds one app's jobs to its partitions (`job.endpoint`'s, or new
+    /// events); returns when they are stored.
+    pub async fn enqueue(&self, app: &str, jobs: &[Job]) -> Result<(), QueueError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        dispatch!(self, q => q.enqueue(app, jobs).await)
     }
 
-    /// Every queue that exists: the configured ones and those producers made.
-    pub async fn queues(&self) -> Result<Vec<String>, QueueError> {
-        dispatch!(self, q => q.queues().await)
+    /// Stores the apps' and endpoints' weights, caps and rate limits.
+    pub async fn configure(&self, tenancy: &Tenancy) -> Result<(), QueueError> {
+        dispatch!(self, q => q.configure(tenancy).await)
     }
 
-    /// Makes sure a queue and its consumer group exist.
-    pub async fn prepare(&self, queue: &str) -> Result<(), QueueError> {
-        dispatch!(self, q => q.prepare(queue).await)
+    /// Takes up to `request.max` jobs, fairly across apps, within the room the
+    /// worker has; also moves due retries, ends due holds and takes back
+    /// expired leases.
+    pub async fn take(&self, request: &TakeRequest) -> Result<Taken, QueueError> {
+        dispatch!(self, q => q.take(request).await)
     }
 
-    pub async fn reader(&self, queue: &str, consumer: &str) -> Result<Reader, QueueError> {
+    /// Records outcomes and releases their leases, atomically; returns the
+    /// breakers that changed state.
+    pub async fn commit(&self, completions: &[Completion]) -> Result<Vec<StateChange>, QueueError> {
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
+        dispatch!(self, q => q.commit(completions).await)
+    }
+
+    pub async fn doorbell(&self) -> Result<Doorbell, QueueError> {
         Ok(match self {
-            Queue::Redis(q) => Reader::Redis(q.reader(queue, consumer).await?),
-            Queue::Memory(q) => Reader::Memory(q.reader(queue)),
+            Queue::Redis(q) => Doorbell::Redis(q.doorbell().await?),
+            Queue::Memory(q) => Doorbell::Memory(q.doorbell()),
         })
     }
 
-    /// Takes over jobs read by some worker more than `min_idle` ago and never
-    /// committed (the worker died).
-    pub async fn reclaim(
-        &self,
-        queue: &str,
-        consumer: &str,
-        min_idle: Duration,
-        count: usize,
-    ) -> Result<Vec<Entry>, QueueError> {
-        dispatch!(self, q => q.reclaim(queue, consumer, min_idle, count).await)
-    }
-
-    /// Records outcomes and acknowledges their jobs, atomically.
-    pub async fn commit(&self, queue: &str, completions: &[Completion]) -> Result<(), QueueError> {
-        dispatch!(self, q => q.commit(queue, completions).await)
-    }
-
-    /// Moves retries that are due onto the queue. Returns how many moved and
-    /// when the next one is due (unix ms).
-    pub async fn promote_due(
-        &self,
-        queue: &str,
-        now_ms: u64,
-        limit: usize,
-    ) -> Result<(usize, Option<u64>), QueueError> {
-        dispatch!(self, q => q.promote_due(queue, now_ms, limit).await)
-    }
-
-    /// Dead letters of a queue, oldest first: (id, letter).
+    /// Dead letters, oldest first: (id, letter).
     pub async fn dead_letters(
         &self,
-        queue: &str,
         count: usize,
     ) -> Result<Vec<(String, DeadLetter)>, QueueError> {
-        dispatch!(self, q => q.dead_letters(queue, count).await)
+        dispatch!(self, q => q.dead_letters(count).await)
     }
 
     pub async fn dead_letter(&self, id: &str) -> Result<DeadLetter, QueueError> {
-        let (queue, entry) = entry::split_dead_letter_id(id)
-            .ok_or_else(|| QueueError::BadDeadLetterId(id.into()))?;
-        dispatch!(self, q => q.dead_letter(queue, entry).await)?
+        if !entry::is_stream_id(id) {
+            return Err(QueueError::BadDeadLetterId(id.into()));
+        }
+        dispatch!(self, q => q.dead_letter(id).await)?
             .ok_or_else(|| QueueError::NoSuchDeadLetter(id.into()))
     }
 
-    /// Puts a dead letter's job back on its queue with a fresh retry schedule
-    /// and the same webhook id, and removes the dead letter, atomically. An
-    /// endpoint marked gone (410) is unmarked.
+    /// Puts a dead letter's job back in its partition with a fresh retry
+    /// schedule and the same webhook id, and removes the dead letter,
+    /// atomically. A disabled endpoint is enabled again (replaying is the
+    /// operator saying it works).
     pub async fn replay(&self, id: &str) -> Result<Job, QueueError> {
-        let (queue, entry) = entry::split_dead_letter_id(id)
-            .ok_or_else(|| QueueError::BadDeadLetterId(id.into()))?;
         let letter = self.dead_letter(id).await?;
         let Some(mut job) = letter.job else {
             return Err(QueueError::NotReplayable(id.into()));
         };
         job.attempt = 0;
-        // Replaying is the operator saying the endpoint works again.
-        if let Some(endpoint) = &job.endpoint {
-            self.set_gone(&job.app_id, endpoint, false).await?;
-        }
-        dispatch!(self, q => q.replay(queue, entry, &job).await)?;
+        dispatch!(self, q => q.replay(id, &job).await)?;
         Ok(job)
     }
 
-    pub async fn stats(&self, queue: &str) -> Result<BTreeMap<String, u64>, QueueError> {
-        dispatch!(self, q => q.stats(queue).await)
+    pub async fn stats(&self) -> Result<BTreeMap<String, u64>, QueueError> {
+        dispatch!(self, q => q.stats().await)
     }
 
-    pub async fn depth(&self, queue: &str) -> Result<Depth, QueueError> {
-        dispatch!(self, q => q.depth(queue).await)
+    pub async fn depth(&self) -> Result<Depth, QueueError> {
+        dispatch!(self, q => q.depth().await)
+    }
+
+    /// Jobs waiting in one app's partitions: new events (None) and each
+    /// named endpoint.
+    pub async fn app_depth(
+        &self,
+        app: &str,
+        endpoints: &[String],
+    ) -> Result<Vec<(Option<String>, u64)>, QueueError> {
+        dispatch!(self, q => q.app_depth(app, endpoints).await)
+    }
+
+    /// The breaker and hold state of these endpoints: (app, endpoint).
+    pub async fn endpoints(
+        &self,
+        which: &[(String, String)],
+    ) -> Result<Vec<EndpointStatus>, QueueError> {
+        dispatch!(self, q => q.endpoints(which).await)
+    }
+
+    /// Closes the breaker, ends any hold and enables the endpoint again.
+    pub async fn reset_endpoint(&self, app: &str, endpoint: &str) -> Result<(), QueueError> {
+        dispatch!(self, q => q.reset_endpoint(app, endpoint).await)
     }
 
     pub async fn ping(&self) -> Result<(), QueueError> {
@@ -274,14 +418,5 @@ impl Queue {
 
     pub async fn idempotency_abort(&self, app: &str, key: &str) -> Result<(), QueueError> {
         dispatch!(self, q => q.idempotency_abort(app, key).await)
-    }
-
-    /// Endpoints that answered 410 Gone, as `app/endpoint`.
-    pub async fn gone(&self) -> Result<Vec<String>, QueueError> {
-        dispatch!(self, q => q.gone().await)
-    }
-
-    pub async fn set_gone(&self, app: &str, endpoint: &str, gone: bool) -> Result<(), QueueError> {
-        dispatch!(self, q => q.set_gone(&format!("{app}/{endpoint}"), gone).await)
     }
 }

@@ -1,50 +1,72 @@
-//! The Redis backend: one stream per queue read through the consumer group
-//! [`GROUP`], a sorted set of scheduled retries moved onto the stream by a Lua
-//! script, a stream of dead letters, a hash of counters. All of a queue's keys
-//! share its hash tag, so a commit is one MULTI/EXEC in one slot.
+//! The Redis backend. The scheduling state and the jobs live under one hash
+//! tag; every operation that changes them is one Lua script (`lua/`), so it
+//! is atomic and touches one Redis Cluster slot. Raw producers XADD to an
+//! inbox stream that workers read through the consumer group [`GROUP`].
+//!
+//! Connections: one multiplexed connection for every command, one for the
+//! doorbell subscription, and one for the blocking inbox read: the same
+//! three whatever the number of apps.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamRangeReply, StreamReadReply};
 use redis::{AsyncConnectionConfig, Client, Script, Value};
 
 use super::entry::{self, DEAD_FIELD, DeadLetter, Entry, JOB_FIELD};
-use super::{Completion, Depth, Effect, GROUP, IDEMPOTENCY_CLAIM, Idempotency, Keys, QueueError};
+use super::{
+    Completion, Depth, Effect, EndpointStatus, GROUP, IDEMPOTENCY_CLAIM, Idempotency, Keys, Leased,
+    QueueError, QueueOptions, StateChange, TakeRequest, Taken, Tenancy,
+};
+use crate::breaker::{Signal, State};
 use crate::event::Job;
 
 /// Marks an Idempotency-Key whose request is still being handled.
 const PENDING: &str = "\u{0}pending";
 
-/// Moves due retries (score <= now) from the delayed set onto the stream.
-/// Returns {moved, next due score or -1}.
-const PROMOTE: &str = r#"
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, job in ipairs(due) do
-  redis.call('XADD', KEYS[2], '*', 'job', job)
-  redis.call('ZREM', KEYS[1], job)
-end
-local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if nxt[2] then return {#due, nxt[2]} end
-return {#due, '-1'}
-"#;
+const COMMON: &str = include_str!("lua/common.lua");
+
+struct Scripts {
+    admit: Script,
+    take: Script,
+    commit: Script,
+    configure: Script,
+    replay: Script,
+    reset: Script,
+    status: Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        let s = |body: &str| Script::new(&format!("{COMMON}\n{body}"));
+        Scripts {
+            admit: s(include_str!("lua/admit.lua")),
+            take: s(include_str!("lua/take.lua")),
+            commit: s(include_str!("lua/commit.lua")),
+            configure: s(include_str!("lua/configure.lua")),
+            replay: s(include_str!("lua/replay.lua")),
+            reset: s(include_str!("lua/reset.lua")),
+            status: s(include_str!("lua/status.lua")),
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct RedisQueue {
     client: Client,
     conn: ConnectionManager,
     keys: Keys,
-    configured: Arc<Vec<String>>,
-    registered: Arc<Mutex<HashSet<String>>>,
-    promote: Arc<Script>,
+    options: Arc<QueueOptions>,
+    scripts: Arc<Scripts>,
 }
 
 impl RedisQueue {
     /// Connects lazily: a Redis that is down at start is retried on use, so
     /// the ingest can answer 503 and the worker can wait for it.
-    pub fn connect(url: &str, keys: Keys, configured: Vec<String>) -> Result<Self, QueueError> {
+    pub fn connect(url: &str, keys: Keys, options: QueueOptions) -> Result<Self, QueueError> {
         let client = Client::open(url)?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(Duration::from_secs(5)))
@@ -55,9 +77,8 @@ impl RedisQueue {
             client,
             conn,
             keys,
-            configured: Arc::new(configured),
-            registered: Arc::default(),
-            promote: Arc::new(Script::new(PROMOTE)),
+            options: Arc::new(options),
+            scripts: Arc::new(Scripts::new()),
         })
     }
 
@@ -65,51 +86,330 @@ impl RedisQueue {
         &self.keys
     }
 
-    pub(super) async fn enqueue(&self, jobs: &[(String, Job)]) -> Result<(), QueueError> {
-        let mut pipe = redis::pipe();
-        let mut new_queues = Vec::new();
-        {
-            let registered = self.registered.lock().expect("registry lock");
-            for (queue, _) in jobs {
-                if !registered.contains(queue) && !new_queues.contains(queue) {
-                    new_queues.push(queue.clone());
-                }
-            }
+    fn invoke<'a>(&'a self, script: &'a Script) -> redis::ScriptInvocation<'a> {
+        let mut inv = script.prepare_invoke();
+        // The one key names the slot; the scripts build the others from the prefix.
+        inv.key(self.keys.key("ready"))
+            .arg(self.keys.base())
+            .arg(self.keys.doorbell());
+        inv
+    }
+
+    pub(super) async fn enqueue(&self, app: &str, jobs: &[Job]) -> Result<(), QueueError> {
+        let encoded: Vec<(String, String)> = jobs
+            .iter()
+            .map(|j| (j.endpoint.clone().unwrap_or_default(), entry::encode(j)))
+            .collect();
+        self.admit(app_jobs(app, &encoded), &[], &[]).await
+    }
+
+    /// Queues jobs `(app, partition, json)`, dead-letters letters, and acks
+    /// inbox entries, in one step.
+    async fn admit(
+        &self,
+        jobs: Vec<(&str, &str, &str)>,
+        dead: &[String],
+        inbox_ids: &[String],
+    ) -> Result<(), QueueError> {
+        let mut inv = self.invoke(&self.scripts.admit);
+        inv.arg(if inbox_ids.is_empty() {
+            String::new()
+        } else {
+            self.keys.inbox()
+        });
+        inv.arg(jobs.len());
+        for (app, part, job) in jobs {
+            inv.arg(app).arg(part).arg(job);
         }
-        for queue in &new_queues {
-            pipe.sadd(self.keys.registry(), queue).ignore();
+        inv.arg(dead.len());
+        for d in dead {
+            inv.arg(d);
         }
-        for (queue, job) in jobs {
-            pipe.cmd("XADD")
-                .arg(self.keys.stream(queue))
-                .arg("*")
-                .arg(JOB_FIELD)
-                .arg(entry::encode(job))
-                .ignore();
+        inv.arg(inbox_ids.len());
+        for id in inbox_ids {
+            inv.arg(id);
         }
-        pipe.query_async::<()>(&mut self.conn.clone()).await?;
-        self.registered
-            .lock()
-            .expect("registry lock")
-            .extend(new_queues);
+        inv.invoke_async::<()>(&mut self.conn.clone()).await?;
         Ok(())
     }
 
-    pub(super) async fn queues(&self) -> Result<Vec<String>, QueueError> {
-        let mut names: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(self.keys.registry())
-            .query_async(&mut self.conn.clone())
-            .await?;
-        names.extend(self.configured.iter().cloned());
-        names.sort();
-        names.dedup();
-        Ok(names)
+    pub(super) async fn configure(&self, t: &Tenancy) -> Result<(), QueueError> {
+        let mut inv = self.invoke(&self.scripts.configure);
+        inv.arg(format!(
+            "{} {} {} {}",
+            t.quantum.max(1),
+            t.app_weight.max(1),
+            t.app_max_in_flight,
+            t.endpoint_max_in_flight
+        ));
+        for (app, weight, cap) in &t.apps {
+            inv.arg(format!("a:{app}"))
+                .arg(format!("{} {cap}", weight.max(&1)));
+        }
+        for e in &t.endpoints {
+            let (interval, tolerance) = e
+                .rate_limit
+                .map_or((0.0, 0.0), |r| (r.interval_ms(), r.tolerance_ms()));
+            inv.arg(format!("e:{}|{}", e.app, e.endpoint))
+                .arg(format!("{} {interval} {tolerance}", e.max_in_flight));
+        }
+        inv.invoke_async::<()>(&mut self.conn.clone()).await?;
+        Ok(())
     }
 
-    pub(super) async fn prepare(&self, queue: &str) -> Result<(), QueueError> {
+    pub(super) async fn take(&self, r: &TakeRequest) -> Result<Taken, QueueError> {
+        let mut inv = self.invoke(&self.scripts.take);
+        inv.arg(r.max)
+            .arg(self.options.lease.as_millis() as u64)
+            .arg(r.app_room.len());
+        for (app, room) in &r.app_room {
+            inv.arg(app).arg(room);
+        }
+        inv.arg(r.endpoint_room.len());
+        for ((app, ep), room) in &r.endpoint_room {
+            inv.arg(format!("{app}|{ep}")).arg(room);
+        }
+        let reply: Vec<Value> = inv.invoke_async(&mut self.conn.clone()).await?;
+        parse_taken(reply)
+    }
+
+    pub(super) async fn commit(
+        &self,
+        completions: &[Completion],
+    ) -> Result<Vec<StateChange>, QueueError> {
+        let b = &self.options.breaker;
+        let mut inv = self.invoke(&self.scripts.commit);
+        inv.arg(format!(
+            "{} {} {} {} {} {} {}",
+            b.failure_rate,
+            b.min_requests,
+            b.window.as_millis(),
+            b.consecutive_failures,
+            b.cool_down.as_millis(),
+            b.max_cool_down.as_millis(),
+            b.disable_after.as_millis()
+        ))
+        .arg(format!(
+            "failing without a success for {}",
+            humantime::format_duration(b.disable_after)
+        ))
+        .arg(self.options.max_hold.as_millis() as u64)
+        .arg(completions.len());
+        for c in completions {
+            inv.arg(&c.lease).arg(c.effects.len());
+            for effect in &c.effects {
+                match effect {
+                    Effect::Enqueue(job) => {
+                        inv.arg("E")
+                            .arg(&job.app_id)
+                            .arg(job.endpoint.as_deref().unwrap_or(""))
+                            .arg(entry::encode(job));
+                    }
+                    Effect::Schedule { job, delay_ms } => {
+                        inv.arg("S")
+                            .arg(delay_ms)
+                            .arg(&job.app_id)
+                            .arg(job.endpoint.as_deref().unwrap_or(""))
+                            .arg(entry::encode(job));
+                    }
+                    Effect::DeadLetter(letter) => {
+                        inv.arg("D").arg(encode_letter(letter));
+                    }
+                    Effect::Count(stat) => {
+                        inv.arg("C").arg(stat.name());
+                    }
+                    Effect::Health {
+                        app,
+                        endpoint,
+                        signal,
+                    } => {
+                        let (name, arg) = match signal {
+                            Signal::Success => ("ok", String::new()),
+                            Signal::Failure => ("fail", String::new()),
+                            Signal::SlowDown(d) => ("slow", d.as_millis().to_string()),
+                            Signal::Disable(reason) => ("off", reason.clone()),
+                        };
+                        inv.arg("H").arg(app).arg(endpoint).arg(name).arg(arg);
+                    }
+                }
+            }
+        }
+        let reply: Vec<String> = inv.invoke_async(&mut self.conn.clone()).await?;
+        Ok(reply
+            .chunks_exact(3)
+            .map(|c| StateChange {
+                app: c[0].clone(),
+                endpoint: c[1].clone(),
+                state: if c[2] == "closed" {
+                    State::Closed
+                } else {
+                    State::parse(&c[2])
+                },
+            })
+            .collect())
+    }
+
+    pub(super) async fn doorbell(&self) -> Result<RedisDoorbell, QueueError> {
+        Ok(RedisDoorbell {
+            client: self.client.clone(),
+            channel: self.keys.doorbell(),
+            sub: None,
+        })
+    }
+
+    pub(super) async fn dead_letters(
+        &self,
+        count: usize,
+    ) -> Result<Vec<(String, DeadLetter)>, QueueError> {
+        let reply: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(self.keys.dlq())
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(count.max(1))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        reply.ids.into_iter().map(to_dead_letter).collect()
+    }
+
+    pub(super) async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, QueueError> {
+        let reply: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(self.keys.dlq())
+            .arg(id)
+            .arg(id)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        reply
+            .ids
+            .into_iter()
+            .next()
+            .map(|s| to_dead_letter(s).map(|(_, l)| l))
+            .transpose()
+    }
+
+    pub(super) async fn replay(&self, id: &str, job: &Job) -> Result<(), QueueError> {
+        let mut inv = self.invoke(&self.scripts.replay);
+        inv.arg(id)
+            .arg(&job.app_id)
+            .arg(job.endpoint.as_deref().unwrap_or(""))
+            .arg(entry::encode(job));
+        let done: i64 = inv.invoke_async(&mut self.conn.clone()).await?;
+        if done == 0 {
+            return Err(QueueError::NoSuchDeadLetter(id.into()));
+        }
+        Ok(())
+    }
+
+    pub(super) async fn stats(&self) -> Result<BTreeMap<String, u64>, QueueError> {
+        Ok(redis::cmd("HGETALL")
+            .arg(self.keys.key("stats"))
+            .query_async(&mut self.conn.clone())
+            .await?)
+    }
+
+    pub(super) async fn depth(&self) -> Result<Depth, QueueError> {
+        let k = |n: &str| self.keys.key(n);
+        let (ready, in_flight, delayed, held, active_apps, dead): (
+            Option<i64>,
+            u64,
+            u64,
+            u64,
+            u64,
+            u64,
+        ) = redis::pipe()
+            .get(k("count"))
+            .zcard(k("leases"))
+            .zcard(k("delayed"))
+            .zcard(k("held"))
+            .zcard(k("ready"))
+            .cmd("XLEN")
+            .arg(k("dlq"))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(Depth {
+            ready: ready.unwrap_or(0).max(0) as u64,
+            in_flight,
+            delayed,
+            held,
+            active_apps,
+            dead,
+        })
+    }
+
+    pub(super) async fn app_depth(
+        &self,
+        app: &str,
+        endpoints: &[String],
+    ) -> Result<Vec<(Option<String>, u64)>, QueueError> {
+        let parts: Vec<Option<String>> = std::iter::once(None)
+            .chain(endpoints.iter().cloned().map(Some))
+            .collect();
+        let mut pipe = redis::pipe();
+        for p in &parts {
+            pipe.llen(self.keys.list(app, p.as_deref()));
+        }
+        let lens: Vec<u64> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(parts.into_iter().zip(lens).collect())
+    }
+
+    pub(super) async fn endpoints(
+        &self,
+        which: &[(String, String)],
+    ) -> Result<Vec<EndpointStatus>, QueueError> {
+        let mut out = Vec::with_capacity(which.len());
+        for chunk in which.chunks(500) {
+            let mut inv = self.invoke(&self.scripts.status);
+            inv.arg(self.options.breaker.window.as_millis() as u64)
+                .arg(chunk.len());
+            for (app, ep) in chunk {
+                inv.arg(app).arg(ep);
+            }
+            let reply: Vec<Value> = inv.invoke_async(&mut self.conn.clone()).await?;
+            if reply.len() != chunk.len() * 8 {
+                return Err(QueueError::Corrupt("endpoint status reply".into()));
+            }
+            for ((app, ep), f) in chunk.iter().zip(reply.chunks_exact(8)) {
+                let text = |v: &Value| redis::from_redis_value_ref::<String>(v).unwrap_or_default();
+                let num =
+                    |v: &Value| redis::from_redis_value_ref::<i64>(v).unwrap_or(0).max(0) as u64;
+                let opt = |n: u64| (n > 0).then_some(n);
+                let reason = text(&f[7]);
+                out.push(EndpointStatus {
+                    app: app.clone(),
+                    endpoint: ep.clone(),
+                    state: State::parse(&text(&f[0])),
+                    waiting: num(&f[1]),
+                    requests: num(&f[2]) as u32,
+                    failures: num(&f[3]) as u32,
+                    consecutive_failures: num(&f[4]) as u32,
+                    failing_since_ms: opt(num(&f[5])),
+                    held_until_ms: opt(num(&f[6])),
+                    reason: (!reason.is_empty()).then_some(reason),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn reset_endpoint(&self, app: &str, endpoint: &str) -> Result<(), QueueError> {
+        let mut inv = self.invoke(&self.scripts.reset);
+        inv.arg(app).arg(endpoint);
+        inv.invoke_async::<()>(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    pub(super) async fn ping(&self) -> Result<(), QueueError> {
+        redis::cmd("PING")
+            .query_async::<()>(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// Makes sure the inbox stream and its consumer group exist.
+    pub async fn prepare_inbox(&self) -> Result<(), QueueError> {
         let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
             .arg("CREATE")
-            .arg(self.keys.stream(queue))
+            .arg(self.keys.inbox())
             .arg(GROUP)
             .arg("0")
             .arg("MKSTREAM")
@@ -121,13 +421,9 @@ impl RedisQueue {
         }
     }
 
-    pub(super) async fn reader(
-        &self,
-        queue: &str,
-        consumer: &str,
-    ) -> Result<RedisReader, QueueError> {
-        // A blocking read holds its connection: give each reader its own, with
-        // no response timeout (the BLOCK argument bounds the wait).
+    /// A reader of the inbox with a connection of its own (a blocking read
+    /// holds it).
+    pub async fn inbox_reader(&self, consumer: &str) -> Result<InboxReader, QueueError> {
         let config = AsyncConnectionConfig::new()
             .set_response_timeout(None)
             .set_connection_timeout(Some(Duration::from_secs(2)));
@@ -135,233 +431,52 @@ impl RedisQueue {
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
-        Ok(RedisReader {
+        Ok(InboxReader {
             conn,
             queue: self.clone(),
-            name: queue.to_string(),
-            stream: self.keys.stream(queue),
             consumer: consumer.to_string(),
         })
     }
 
-    pub(super) async fn reclaim(
+    /// Queues what was read from the inbox: jobs of known apps go to their
+    /// partitions; malformed entries and jobs for unknown apps are
+    /// dead-lettered with the reason; the entries are acknowledged in the
+    /// same step.
+    pub async fn admit_inbox(
         &self,
-        queue: &str,
-        consumer: &str,
-        min_idle: Duration,
-        count: usize,
-    ) -> Result<Vec<Entry>, QueueError> {
-        let stream = self.keys.stream(queue);
-        let mut start = "0-0".to_string();
-        let mut out = Vec::new();
-        loop {
-            let reply: Result<StreamAutoClaimReply, redis::RedisError> = redis::cmd("XAUTOCLAIM")
-                .arg(&stream)
-                .arg(GROUP)
-                .arg(consumer)
-                .arg(min_idle.as_millis() as u64)
-                .arg(&start)
-                .arg("COUNT")
-                .arg(count.max(1))
-                .query_async(&mut self.conn.clone())
-                .await;
-            let reply = match reply {
-                Ok(r) => r,
-                Err(e) if e.code() == Some("NOGROUP") => return Ok(out),
-                Err(e) => return Err(e.into()),
-            };
-            out.extend(reply.claimed.into_iter().map(|s| to_entry(queue, s)));
-            if reply.next_stream_id == "0-0" || out.len() >= count {
-                return Ok(out);
-            }
-            start = reply.next_stream_id;
-        }
-    }
-
-    pub(super) async fn commit(
-        &self,
-        queue: &str,
-        completions: &[Completion],
+        entries: Vec<Entry>,
+        known_app: impl Fn(&str) -> bool,
     ) -> Result<(), QueueError> {
-        if completions.is_empty() {
-            return Ok(());
-        }
-        let stream = self.keys.stream(queue);
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
-        for c in completions {
-            for effect in &c.effects {
-                match effect {
-                    Effect::Enqueue(job) => {
-                        pipe.cmd("XADD")
-                            .arg(&stream)
-                            .arg("*")
-                            .arg(JOB_FIELD)
-                            .arg(entry::encode(job))
-                            .ignore();
-                    }
-                    Effect::Schedule { job, at_ms } => {
-                        pipe.zadd(self.keys.delayed(queue), entry::encode(job), *at_ms)
-                            .ignore();
-                    }
-                    Effect::DeadLetter(letter) => {
-                        let json =
-                            serde_json::to_string(letter).expect("a dead letter always serializes");
-                        pipe.cmd("XADD")
-                            .arg(self.keys.dlq(queue))
-                            .arg("*")
-                            .arg(DEAD_FIELD)
-                            .arg(json)
-                            .ignore();
-                    }
-                    Effect::Count(stat) => *counts.entry(stat.name()).or_default() += 1,
+        let now = crate::event::now_ms();
+        let mut jobs = Vec::new();
+        let mut dead = Vec::new();
+        let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+        for e in entries {
+            match e.job {
+                Ok(job) if known_app(&job.app_id) => {
+                    let part = job.endpoint.clone().unwrap_or_default();
+                    jobs.push((job.app_id.clone(), part, entry::encode(&job)));
                 }
+                Ok(job) => {
+                    let reason = format!("unknown app {:?}", job.app_id);
+                    dead.push(encode_letter(&DeadLetter {
+                        reason,
+                        status: None,
+                        response_body: None,
+                        attempts: job.attempt,
+                        dead_at_ms: now,
+                        job: Some(job),
+                        raw: None,
+                    }));
+                }
+                Err(m) => dead.push(encode_letter(&DeadLetter::malformed(&m, now))),
             }
         }
-        if !counts.is_empty() {
-            let stats = self.keys.stats(queue);
-            for (name, n) in counts {
-                pipe.hincr(&stats, name, n).ignore();
-            }
-        }
-        let ids: Vec<&str> = completions.iter().map(|c| c.entry_id.as_str()).collect();
-        pipe.cmd("XACK").arg(&stream).arg(GROUP).arg(&ids).ignore();
-        pipe.cmd("XDEL").arg(&stream).arg(&ids).ignore();
-        pipe.query_async::<()>(&mut self.conn.clone()).await?;
-        Ok(())
-    }
-
-    pub(super) async fn promote_due(
-        &self,
-        queue: &str,
-        now_ms: u64,
-        limit: usize,
-    ) -> Result<(usize, Option<u64>), QueueError> {
-        let (moved, next): (usize, String) = self
-            .promote
-            .key(self.keys.delayed(queue))
-            .key(self.keys.stream(queue))
-            .arg(now_ms)
-            .arg(limit)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        let next = next
-            .parse::<f64>()
-            .ok()
-            .filter(|n| *n >= 0.0)
-            .map(|n| n as u64);
-        Ok((moved, next))
-    }
-
-    pub(super) async fn dead_letters(
-        &self,
-        queue: &str,
-        count: usize,
-    ) -> Result<Vec<(String, DeadLetter)>, QueueError> {
-        let reply: StreamRangeReply = redis::cmd("XRANGE")
-            .arg(self.keys.dlq(queue))
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut self.conn.clone())
-            .await?;
-        reply
-            .ids
-            .into_iter()
-            .map(|s| to_dead_letter(queue, s))
-            .collect()
-    }
-
-    pub(super) async fn dead_letter(
-        &self,
-        queue: &str,
-        entry_id: &str,
-    ) -> Result<Option<DeadLetter>, QueueError> {
-        if !is_stream_id(entry_id) {
-            return Ok(None);
-        }
-        let reply: StreamRangeReply = redis::cmd("XRANGE")
-            .arg(self.keys.dlq(queue))
-            .arg(entry_id)
-            .arg(entry_id)
-            .query_async(&mut self.conn.clone())
-            .await?;
-        reply
-            .ids
-            .into_iter()
-            .next()
-            .map(|s| to_dead_letter(queue, s).map(|(_, l)| l))
-            .transpose()
-    }
-
-    pub(super) async fn replay(
-        &self,
-        queue: &str,
-        entry_id: &str,
-        job: &Job,
-    ) -> Result<(), QueueError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("XADD")
-            .arg(self.keys.stream(queue))
-            .arg("*")
-            .arg(JOB_FIELD)
-            .arg(entry::encode(job))
-            .ignore()
-            .cmd("XDEL")
-            .arg(self.keys.dlq(queue))
-            .arg(entry_id)
-            .ignore();
-        pipe.query_async::<()>(&mut self.conn.clone()).await?;
-        Ok(())
-    }
-
-    pub(super) async fn stats(&self, queue: &str) -> Result<BTreeMap<String, u64>, QueueError> {
-        Ok(redis::cmd("HGETALL")
-            .arg(self.keys.stats(queue))
-            .query_async(&mut self.conn.clone())
-            .await?)
-    }
-
-    pub(super) async fn depth(&self, queue: &str) -> Result<Depth, QueueError> {
-        let mut conn = self.conn.clone();
-        let (len, delayed, dead): (u64, u64, u64) = redis::pipe()
-            .cmd("XLEN")
-            .arg(self.keys.stream(queue))
-            .zcard(self.keys.delayed(queue))
-            .cmd("XLEN")
-            .arg(self.keys.dlq(queue))
-            .query_async(&mut conn)
-            .await?;
-        let pending: Result<Value, redis::RedisError> = redis::cmd("XPENDING")
-            .arg(self.keys.stream(queue))
-            .arg(GROUP)
-            .query_async(&mut conn)
-            .await;
-        let in_flight = match pending {
-            Ok(Value::Array(items)) => items
-                .first()
-                .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
-                .unwrap_or(0),
-            Ok(_) => 0,
-            Err(e) if e.code() == Some("NOGROUP") => 0,
-            Err(e) => return Err(e.into()),
-        };
-        Ok(Depth {
-            ready: len.saturating_sub(in_flight),
-            in_flight,
-            delayed,
-            dead,
-        })
-    }
-
-    pub(super) async fn ping(&self) -> Result<(), QueueError> {
-        redis::cmd("PING")
-            .query_async::<()>(&mut self.conn.clone())
-            .await?;
-        Ok(())
+        let refs = jobs
+            .iter()
+            .map(|(a, p, j)| (a.as_str(), p.as_str(), j.as_str()))
+            .collect();
+        self.admit(refs, &dead, &ids).await
     }
 
     pub(super) async fn idempotency_begin(
@@ -418,43 +533,111 @@ impl RedisQueue {
             .await?;
         Ok(())
     }
+}
 
-    pub(super) async fn gone(&self) -> Result<Vec<String>, QueueError> {
-        Ok(redis::cmd("HKEYS")
-            .arg(self.keys.gone())
-            .query_async(&mut self.conn.clone())
-            .await?)
-    }
+fn app_jobs<'a>(app: &'a str, jobs: &'a [(String, String)]) -> Vec<(&'a str, &'a str, &'a str)> {
+    jobs.iter()
+        .map(|(part, job)| (app, part.as_str(), job.as_str()))
+        .collect()
+}
 
-    pub(super) async fn set_gone(&self, endpoint: &str, gone: bool) -> Result<(), QueueError> {
-        let mut cmd = if gone {
-            redis::cmd("HSET")
-        } else {
-            redis::cmd("HDEL")
+fn encode_letter(letter: &DeadLetter) -> String {
+    serde_json::to_string(letter).expect("a dead letter always serializes")
+}
+
+fn parse_taken(reply: Vec<Value>) -> Result<Taken, QueueError> {
+    let bad = || QueueError::Corrupt("unexpected reply from the take script".into());
+    let mut it = reply.into_iter();
+    let num = |it: &mut std::vec::IntoIter<Value>| -> Result<i64, QueueError> {
+        let v = it.next().ok_or_else(bad)?;
+        redis::from_redis_value::<i64>(v).map_err(|_| bad())
+    };
+    let text = |it: &mut std::vec::IntoIter<Value>| -> Result<String, QueueError> {
+        let v = it.next().ok_or_else(bad)?;
+        redis::from_redis_value::<String>(v).map_err(|_| bad())
+    };
+    let more = num(&mut it)? == 1;
+    let next_due = num(&mut it)?;
+    let n = num(&mut it)?;
+    let mut jobs = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let lease = text(&mut it)?;
+        let app = text(&mut it)?;
+        let part = text(&mut it)?;
+        let raw = it.next().ok_or_else(bad)?;
+        let raw = match raw {
+            Value::BulkString(b) => b,
+            _ => return Err(bad()),
         };
-        cmd.arg(self.keys.gone()).arg(endpoint);
-        if gone {
-            cmd.arg(crate::event::now_ms());
+        let disabled = text(&mut it)?;
+        jobs.push(Leased {
+            job: entry::decode(&format!("0-{lease}"), Some(&raw)),
+            lease,
+            app,
+            endpoint: (!part.is_empty()).then_some(part),
+            disabled: (!disabled.is_empty()).then_some(disabled),
+        });
+    }
+    let mut busy = BTreeMap::new();
+    let apps = num(&mut it)?;
+    for _ in 0..apps {
+        let app = text(&mut it)?;
+        let k = num(&mut it)?;
+        let mut eps = Vec::with_capacity(k.max(0) as usize);
+        for _ in 0..k {
+            eps.push(text(&mut it)?);
         }
-        cmd.query_async::<()>(&mut self.conn.clone()).await?;
-        Ok(())
+        eps.sort();
+        busy.insert(app, eps);
+    }
+    Ok(Taken {
+        jobs,
+        busy,
+        more,
+        next_due: (next_due >= 0).then(|| Duration::from_millis(next_due as u64)),
+    })
+}
+
+/// The doorbell: a pub/sub subscription of its own. A hint only: a lost
+/// message costs an idle worker at most its idle poll.
+pub struct RedisDoorbell {
+    client: Client,
+    channel: String,
+    sub: Option<redis::aio::PubSub>,
+}
+
+impl RedisDoorbell {
+    pub(super) async fn rung(&mut self) {
+        if self.sub.is_none() {
+            match self.client.get_async_pubsub().await {
+                Ok(mut sub) => match sub.subscribe(&self.channel).await {
+                    Ok(()) => self.sub = Some(sub),
+                    Err(e) => tracing::debug!(error = %e, "cannot subscribe to the doorbell"),
+                },
+                Err(e) => tracing::debug!(error = %e, "cannot connect for the doorbell"),
+            }
+            if self.sub.is_none() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return;
+            }
+        }
+        let Some(sub) = self.sub.as_mut() else { return };
+        if sub.on_message().next().await.is_none() {
+            // The connection closed: subscribe again on the next call.
+            self.sub = None;
+        }
     }
 }
 
-pub struct RedisReader {
+pub struct InboxReader {
     conn: MultiplexedConnection,
     queue: RedisQueue,
-    name: String,
-    stream: String,
     consumer: String,
 }
 
-impl RedisReader {
-    pub(super) async fn read(
-        &mut self,
-        count: usize,
-        block: Duration,
-    ) -> Result<Vec<Entry>, QueueError> {
+impl InboxReader {
+    /// Up to `count` new entries, waiting up to `block` for the first.
+    pub async fn read(&mut self, count: usize, block: Duration) -> Result<Vec<Entry>, QueueError> {
         let reply: Result<Option<StreamReadReply>, redis::RedisError> = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(GROUP)
@@ -464,7 +647,7 @@ impl RedisReader {
             .arg("BLOCK")
             .arg(block.as_millis().max(1) as u64)
             .arg("STREAMS")
-            .arg(&self.stream)
+            .arg(self.queue.keys.inbox())
             .arg(">")
             .query_async(&mut self.conn)
             .await;
@@ -472,7 +655,7 @@ impl RedisReader {
             Ok(r) => r,
             Err(e) if e.code() == Some("NOGROUP") => {
                 // The stream was deleted under us: make it again.
-                self.queue.prepare(&self.name).await?;
+                self.queue.prepare_inbox().await?;
                 return Ok(Vec::new());
             }
             Err(e) => return Err(e.into()),
@@ -481,18 +664,33 @@ impl RedisReader {
             .into_iter()
             .flat_map(|r| r.keys)
             .flat_map(|k| k.ids)
-            .map(|s| to_entry(&self.name, s))
+            .map(to_entry)
             .collect())
     }
-}
 
-/// `<ms>-<seq>`, both decimal.
-fn is_stream_id(id: &str) -> bool {
-    id.split_once('-').is_some_and(|(ms, seq)| {
-        !ms.is_empty()
-            && !seq.is_empty()
-            && ms.bytes().chain(seq.bytes()).all(|b| b.is_ascii_digit())
-    })
+    /// Entries some reader took more than `min_idle` ago and never queued
+    /// (it died).
+    pub async fn reclaim(
+        &mut self,
+        min_idle: Duration,
+        count: usize,
+    ) -> Result<Vec<Entry>, QueueError> {
+        let reply: Result<StreamAutoClaimReply, redis::RedisError> = redis::cmd("XAUTOCLAIM")
+            .arg(self.queue.keys.inbox())
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg(min_idle.as_millis() as u64)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(count.max(1))
+            .query_async(&mut self.queue.conn.clone())
+            .await;
+        match reply {
+            Ok(r) => Ok(r.claimed.into_iter().map(to_entry).collect()),
+            Err(e) if e.code() == Some("NOGROUP") => Ok(Vec::new()),
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 fn field_bytes(s: &StreamId, field: &str) -> Option<Vec<u8>> {
@@ -503,19 +701,19 @@ fn field_bytes(s: &StreamId, field: &str) -> Option<Vec<u8>> {
     }
 }
 
-fn to_entry(queue: &str, s: StreamId) -> Entry {
+fn to_entry(s: StreamId) -> Entry {
     let raw = field_bytes(&s, JOB_FIELD);
     Entry {
-        job: entry::decode(queue, &s.id, raw.as_deref()),
+        job: entry::decode(&s.id, raw.as_deref()),
         id: s.id,
     }
 }
 
-fn to_dead_letter(queue: &str, s: StreamId) -> Result<(String, DeadLetter), QueueError> {
+fn to_dead_letter(s: StreamId) -> Result<(String, DeadLetter), QueueError> {
     let raw = field_bytes(&s, DEAD_FIELD).ok_or_else(|| {
         QueueError::Corrupt(format!("dead letter {} has no `{DEAD_FIELD}` field", s.id))
     })?;
     let letter = serde_json::from_slice(&raw)
         .map_err(|e| QueueError::Corrupt(format!("dead letter {}: {e}", s.id)))?;
-    Ok((entry::dead_letter_id(queue, &s.id), letter))
+    Ok((s.id, letter))
 }

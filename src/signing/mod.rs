@@ -146,6 +146,8 @@ mod tests {
             key: "app-key".into(),
             secrets: vec![Secret::new("app-secret")],
             ingest_token: Secret::new("t"),
+            weight: 1,
+            max_in_flight: 128,
             endpoints: vec![],
             plugins: vec![],
         }
@@ -164,6 +166,8 @@ mod tests {
             )],
             timeout: Duration::from_secs(1),
             retry: RetryPolicy::new(vec![Duration::ZERO], 0.0, Duration::ZERO),
+            max_in_flight: 16,
+            rate_limit: None,
             plugins: vec![],
         }
     }

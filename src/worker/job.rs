@@ -1,66 +1,84 @@
 //! One job, start to end: route, sign, deliver, and decide its outcome
-//! (delivered / retry at T / dead / dropped), as effects for the committer.
+//! (delivered / parked / retry at T / dead / dropped), as effects for the
+//! committer.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{Context, Tenants};
 use crate::app::{App, Endpoint};
+use crate::breaker::Signal;
 use crate::delivery::{AttemptResult, Failure, FailureKind};
 use crate::event::{Attempt, Job, now_ms};
 use crate::pipeline::{Prepared, Routing};
-use crate::queue::{Completion, DeadLetter, Effect, Entry, Stat};
+use crate::queue::{Completion, DeadLetter, Effect, Leased, Stat};
+use crate::scheduler::Slot;
 use crate::signing;
 
 /// Most attempts kept in a job's history (the oldest are dropped).
 const HISTORY_CAP: usize = 50;
 
-pub(super) async fn process(ctx: &Context, queue: &str, entry: Entry) -> Completion {
-    let effects = match entry.job {
+pub(super) async fn process(
+    ctx: &Context,
+    leased: Leased,
+    mut slot: Slot,
+    busy: &BTreeMap<String, Vec<String>>,
+) -> Completion {
+    let effects = match leased.job {
         Err(malformed) => {
             warn!(
-                queue,
-                entry = entry.id,
+                app = leased.app,
                 reason = malformed.reason,
-                "malformed queue entry dead-lettered"
+                "malformed job dead-lettered"
             );
             vec![
-                Effect::DeadLetter(DeadLetter::malformed(queue, &malformed, now_ms())),
+                Effect::DeadLetter(DeadLetter::malformed(&malformed, now_ms())),
                 Effect::Count(Stat::Dead),
             ]
         }
         Ok(job) => {
             let span = info_span!(
                 "job",
-                queue,
                 app = job.app_id,
                 webhook_id = job.id,
                 endpoint = job.endpoint.as_deref().unwrap_or("-")
             );
-            run(ctx, queue, job).instrument(span).await
+            let busy = busy.get(&job.app_id).map(Vec::as_slice).unwrap_or(&[]);
+            match leased.disabled {
+                Some(reason) => {
+                    let _entered = span.enter();
+                    warn!(
+                        outcome = "dead",
+                        reason, "endpoint disabled; not delivering"
+                    );
+                    dead(job, format!("endpoint disabled: {reason}"))
+                }
+                None => run(ctx, job, &mut slot, busy).instrument(span).await,
+            }
         }
     };
+    drop(slot);
     Completion {
-        entry_id: entry.id,
+        lease: leased.lease,
         effects,
     }
 }
 
-async fn run(ctx: &Context, queue: &str, job: Job) -> Vec<Effect> {
+async fn run(ctx: &Context, job: Job, slot: &mut Slot, busy: &[String]) -> Vec<Effect> {
     let tenants = ctx.tenants();
     let Some(app) = tenants.apps.get(&job.app_id).cloned() else {
         warn!("job for an unknown app dead-lettered");
         let reason = format!("unknown app {:?}", job.app_id);
-        return dead(queue, job, reason);
+        return dead(job, reason);
     };
     match job.endpoint.clone() {
         Some(endpoint_id) => match app.endpoint(&endpoint_id) {
-            Some(endpoint) => deliver(ctx, &tenants, queue, &app, endpoint.clone(), job).await,
+            Some(endpoint) => deliver(ctx, &tenants, &app, endpoint.clone(), job).await,
             None => {
                 warn!("job for an endpoint no longer configured dead-lettered");
                 dead(
-                    queue,
                     job,
                     format!(
                         "endpoint {endpoint_id:?} is no longer configured for app {:?}",
@@ -71,28 +89,30 @@ async fn run(ctx: &Context, queue: &str, job: Job) -> Vec<Effect> {
         },
         None => match tenants.pipeline.route(&app, &job).await {
             Ok((routing, skipped)) => {
-                let mut effects = routed(ctx, &tenants, queue, &app, &job, routing).await;
+                let mut effects = routed(ctx, &tenants, &app, &job, routing, slot, busy).await;
                 effects.extend((0..skipped).map(|_| Effect::Count(Stat::PluginSkipped)));
                 effects
             }
             Err(e) => {
                 let failure = Failure::retryable(e.to_string());
                 let attempt = job.attempt + 1;
-                failed(queue, &ctx.retry, job, attempt, failure)
+                failed(&ctx.retry, job, attempt, failure)
             }
         },
     }
 }
 
-/// What a routed new event comes to: dropped, unrouted, delivered inline to
-/// its one endpoint, or fanned out into one job per endpoint.
+/// What a routed new event comes to: dropped, unrouted, delivered at once to
+/// its one endpoint when that endpoint has room here, or parked in the
+/// endpoints' partitions.
 async fn routed(
     ctx: &Context,
     tenants: &Tenants,
-    queue: &str,
     app: &App,
     job: &Job,
     routing: Routing,
+    slot: &mut Slot,
+    busy: &[String],
 ) -> Vec<Effect> {
     match routing {
         Routing::Dropped { stage, reason } => {
@@ -115,7 +135,17 @@ async fn routed(
             }
             1 => {
                 let (endpoint, aimed) = targets.pop().expect("one target");
-                deliver(ctx, tenants, queue, app, endpoint, aimed).await
+                let is_busy = busy.iter().any(|b| b == &endpoint.id);
+                if slot.try_endpoint(&endpoint.id, is_busy) {
+                    deliver(ctx, tenants, app, endpoint, aimed).await
+                } else {
+                    debug!(
+                        endpoint = endpoint.id,
+                        outcome = "parked",
+                        "endpoint busy; the job waits in its partition"
+                    );
+                    vec![Effect::Enqueue(aimed), Effect::Count(Stat::Parked)]
+                }
             }
             n => {
                 debug!(
@@ -137,18 +167,10 @@ async fn routed(
 async fn deliver(
     ctx: &Context,
     tenants: &Tenants,
-    queue: &str,
     app: &App,
     endpoint: Arc<Endpoint>,
     mut job: Job,
 ) -> Vec<Effect> {
-    if ctx.is_gone(&app.id, &endpoint.id).await {
-        warn!(
-            outcome = "dead",
-            "endpoint answered 410 Gone before; not delivering"
-        );
-        return dead(queue, job, "endpoint answered 410 Gone earlier; deliveries to it are stopped until a dead letter of it is replayed".into());
-    }
     let attempt = job.attempt + 1;
     let span = info_span!(
         "attempt",
@@ -174,23 +196,28 @@ async fn deliver(
             }
             Err(e) => {
                 let failure = Failure::retryable(e.to_string());
-                return failed(queue, &endpoint.retry, job, attempt, failure);
+                return failed(&endpoint.retry, job, attempt, failure);
             }
         };
         let now = now_ms();
         let request = signing::sign(app, &endpoint, &prepared, (now / 1000) as i64);
         let result = ctx.deliverer.send(request, endpoint.timeout).await;
         let elapsed_ms = now_ms().saturating_sub(now);
+        let health = |signal| Effect::Health {
+            app: app.id.clone(),
+            endpoint: endpoint.id.clone(),
+            signal,
+        };
         let mut effects = match result {
             AttemptResult::Delivered { status } => {
                 info!(status, elapsed_ms, outcome = "delivered", "delivered");
-                vec![Effect::Count(Stat::Delivered)]
+                vec![Effect::Count(Stat::Delivered), health(Signal::Success)]
             }
             AttemptResult::Failed(failure) => {
-                if failure.kind == FailureKind::Gone {
-                    ctx.mark_gone(&app.id, &endpoint.id).await;
-                }
-                failed(queue, &endpoint.retry, job, attempt, failure)
+                let signals = signals(&failure);
+                let mut effects = failed(&endpoint.retry, job, attempt, failure);
+                effects.extend(signals.into_iter().map(health));
+                effects
             }
         };
         effects.extend((0..skipped).map(|_| Effect::Count(Stat::PluginSkipped)));
@@ -200,10 +227,29 @@ async fn deliver(
     .await
 }
 
+/// What a failed attempt says about the endpoint: a failure for its breaker
+/// (no answer, 5xx, 408, 3xx), nothing (429, 425: the receiver is up and
+/// asks to wait; other 4xx: the request's fault), a slow-down for every
+/// worker (429/503 with `Retry-After`), or gone (410).
+fn signals(failure: &Failure) -> Vec<Signal> {
+    let mut out = Vec::new();
+    match (failure.kind, failure.status) {
+        (FailureKind::Gone, _) => out.push(Signal::Disable("answered 410 Gone".into())),
+        (FailureKind::Permanent, _) => out.push(Signal::Success),
+        (FailureKind::Retryable, Some(429 | 425)) => {}
+        (FailureKind::Retryable, _) => out.push(Signal::Failure),
+    }
+    if let (Some(429 | 503), Some(wait)) = (failure.status, failure.retry_after)
+        && !wait.is_zero()
+    {
+        out.push(Signal::SlowDown(wait));
+    }
+    out
+}
+
 /// The outcome of a failed attempt: a retry if the failure allows one and the
 /// schedule has one left, else a dead letter.
 fn failed(
-    queue: &str,
     policy: &crate::delivery::retry::RetryPolicy,
     mut job: Job,
     attempt: u32,
@@ -226,7 +272,7 @@ fn failed(
             );
             vec![
                 Effect::Schedule {
-                    at_ms: now_ms() + delay.as_millis() as u64,
+                    delay_ms: delay.as_millis() as u64,
                     job,
                 },
                 Effect::Count(Stat::Retried),
@@ -247,7 +293,7 @@ fn failed(
                 outcome = "dead",
                 "delivery dead-lettered"
             );
-            let mut letter = letter(queue, job, reason);
+            let mut letter = letter(job, reason);
             letter.status = failure.status;
             letter.response_body = failure.body;
             vec![Effect::DeadLetter(letter), Effect::Count(Stat::Dead)]
@@ -266,9 +312,8 @@ fn record(job: &mut Job, status: Option<u16>, error: Option<String>) {
     });
 }
 
-fn letter(queue: &str, job: Job, reason: String) -> DeadLetter {
+fn letter(job: Job, reason: String) -> DeadLetter {
     DeadLetter {
-        queue: queue.to_string(),
         reason,
         status: None,
         response_body: None,
@@ -279,9 +324,52 @@ fn letter(queue: &str, job: Job, reason: String) -> DeadLetter {
     }
 }
 
-fn dead(queue: &str, job: Job, reason: String) -> Vec<Effect> {
+fn dead(job: Job, reason: String) -> Vec<Effect> {
     vec![
-        Effect::DeadLetter(letter(queue, job, reason)),
+        Effect::DeadLetter(letter(job, reason)),
         Effect::Count(Stat::Dead),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn failure(kind: FailureKind, status: Option<u16>, retry_after: Option<u64>) -> Failure {
+        Failure {
+            kind,
+            message: "m".into(),
+            status,
+            body: None,
+            retry_after: retry_after.map(Duration::from_secs),
+        }
+    }
+
+    #[test]
+    fn what_an_answer_tells_the_breaker() {
+        use FailureKind::*;
+        assert_eq!(
+            signals(&failure(Retryable, Some(500), None)),
+            [Signal::Failure]
+        );
+        assert_eq!(signals(&failure(Retryable, None, None)), [Signal::Failure]);
+        assert_eq!(
+            signals(&failure(Permanent, Some(400), None)),
+            [Signal::Success]
+        );
+        assert_eq!(signals(&failure(Retryable, Some(429), None)), []);
+        assert_eq!(
+            signals(&failure(Retryable, Some(429), Some(3))),
+            [Signal::SlowDown(Duration::from_secs(3))]
+        );
+        assert_eq!(
+            signals(&failure(Retryable, Some(503), Some(2))),
+            [Signal::Failure, Signal::SlowDown(Duration::from_secs(2))]
+        );
+        assert!(matches!(
+            signals(&failure(Gone, Some(410), None))[..],
+            [Signal::Disable(_)]
+        ));
+    }
 }

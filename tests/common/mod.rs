@@ -118,6 +118,8 @@ pub struct Received {
     pub body: Bytes,
     /// Status the receiver answered.
     pub status: u16,
+    /// When the request arrived.
+    pub at: Instant,
 }
 
 impl Received {
@@ -163,6 +165,7 @@ async fn receive(
     headers: HeaderMap,
     body: Bytes,
 ) -> impl IntoResponse {
+    let at = Instant::now();
     let (status, delay, retry_after) = {
         let mut i = inner.lock().unwrap();
         *i.arrived.entry(path.clone()).or_default() += 1;
@@ -178,6 +181,7 @@ async fn receive(
         headers,
         body,
         status,
+        at,
     });
     let mut response = (StatusCode::from_u16(status).unwrap(), "receiver says hi").into_response();
     if let Some(ra) = retry_after {
@@ -321,10 +325,10 @@ pub fn config(redis: Option<&str>, prefix: &str, listen: &str, apps: &str) -> St
 listen = "{listen}"
 
 [queues]
-concurrency = 16
+concurrency = 64
 visibility_timeout = "3s"
 reclaim_interval = "200ms"
-discover_interval = "100ms"
+idle_poll = "200ms"
 
 [retry]
 schedule = ["0ms", "50ms", "100ms"]
@@ -566,19 +570,39 @@ pub fn app_with_chain(id: &str, chain: &str, webhooks: &str) -> String {
     app_table(id, &format!("plugins = {chain}"), webhooks)
 }
 
-/// Waits until `queue` holds at least `n` dead letters, and returns them.
+/// Waits until the queue holds at least `n` dead letters, and returns them.
 pub async fn dead_letters(
     q: &wasmhook::queue::Queue,
-    queue: &str,
     n: usize,
 ) -> Vec<(String, wasmhook::queue::DeadLetter)> {
     eventually(
-        &format!("{n} dead letter(s) on {queue}"),
+        &format!("{n} dead letter(s)"),
         Duration::from_secs(20),
         async || {
-            let letters = q.dead_letters(queue, 1000).await.unwrap();
+            let letters = q.dead_letters(1000).await.unwrap();
             (letters.len() >= n).then_some(letters)
         },
     )
     .await
+}
+
+/// Connections the Redis server has open now.
+pub fn redis_clients(redis: &RedisServer) -> usize {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut redis.conn())
+        .unwrap();
+    list.lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+/// Commands the Redis server has processed so far.
+pub fn commands_processed(redis: &RedisServer) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query(&mut redis.conn())
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("INFO stats has total_commands_processed")
 }

@@ -1,0 +1,168 @@
+-- Shared by every queue script; each script is this file followed by its own.
+-- ARGV[1] is the key prefix with the hash tag ("wasmhook:{0}:"), ARGV[2] the
+-- doorbell channel. Every key is built from the prefix, so a script touches
+-- one Redis Cluster slot.
+--
+-- Layout (P = ARGV[1]):
+--   P..'ready'         ZSET app -> turn (apps with an eligible partition; lowest goes next)
+--   P..'parts:'..app   ZSET partition -> turn ('' = new events, else an endpoint id)
+--   P..'list:'..app..'|'..part   LIST of job JSON (a partition), FIFO
+--   P..'busy:'..app    SET endpoints with waiting jobs, a hold or a breaker not closed
+--   P..'ep:'..app..'|'..ep       HASH breaker (state cf since cool probe reason last sN fN),
+--                                hold (unix ms), tat (rate limiter)
+--   P..'held'          ZSET 'app|ep' -> unix ms the hold ends
+--   P..'delayed'       ZSET 'seq\napp|part\njob' -> unix ms due
+--   P..'leases'        ZSET lease id -> unix ms it expires
+--   P..'leased'        HASH lease id -> 'app|part\njob'
+--   P..'count'         jobs waiting in partitions
+--   P..'conf'          HASH '_' -> 'quantum weight appcap epcap', 'a:'..app -> 'weight cap',
+--                      'e:'..app..'|'..ep -> 'cap interval tolerance'
+--   P..'stats'         HASH outcome counters
+--   P..'dlq'           STREAM dead letters
+--   P..'seq', P..'vclock'  counters (lease ids, turns)
+local P = ARGV[1]
+local DOORBELL = ARGV[2]
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local NOW = now_ms()
+local READY, HELD, DELAYED = P .. 'ready', P .. 'held', P .. 'delayed'
+local LEASES, LEASED, COUNT = P .. 'leases', P .. 'leased', P .. 'count'
+local CONF, STATS, DLQ = P .. 'conf', P .. 'stats', P .. 'dlq'
+
+local function vnext() return redis.call('INCR', P .. 'vclock') end
+local function list_key(app, part) return P .. 'list:' .. app .. '|' .. part end
+local function ep_key(app, ep) return P .. 'ep:' .. app .. '|' .. ep end
+local function parts_key(app) return P .. 'parts:' .. app end
+local function busy_key(app) return P .. 'busy:' .. app end
+
+local rang = false
+local function ring()
+  if not rang then
+    redis.call('PUBLISH', DOORBELL, '1')
+    rang = true
+  end
+end
+
+-- 'a|b' -> 'a', 'b' (ids never contain '|')
+local function split_bar(s)
+  local i = string.find(s, '|', 1, true)
+  return string.sub(s, 1, i - 1), string.sub(s, i + 1)
+end
+
+-- 'app|part\njob' -> app, part, job
+local function unpack_entry(v)
+  local nl = string.find(v, '\n', 1, true)
+  local app, part = split_bar(string.sub(v, 1, nl - 1))
+  return app, part, string.sub(v, nl + 1)
+end
+
+local function hold_of(app, part)
+  if part == '' then return nil end
+  local h = tonumber(redis.call('HGET', ep_key(app, part), 'hold'))
+  if h and h > NOW then return h end
+  return nil
+end
+
+-- A partition with jobs becomes eligible (unless held), its app active.
+local function activate(app, part)
+  if hold_of(app, part) then return end
+  if not redis.call('ZSCORE', parts_key(app), part) then
+    redis.call('ZADD', parts_key(app), vnext(), part)
+  end
+  if not redis.call('ZSCORE', READY, app) then
+    redis.call('ZADD', READY, vnext(), app)
+    ring()
+  end
+end
+
+local function deactivate(app, part)
+  redis.call('ZREM', parts_key(app), part)
+  if redis.call('ZCARD', parts_key(app)) == 0 then
+    redis.call('ZREM', READY, app)
+  end
+end
+
+local function refresh_busy(app, ep)
+  local busy = redis.call('LLEN', list_key(app, ep)) > 0
+  if not busy then
+    local f = redis.call('HMGET', ep_key(app, ep), 'hold', 'state')
+    busy = (tonumber(f[1]) or 0) > NOW or f[2] ~= false
+  end
+  if busy then
+    redis.call('SADD', busy_key(app), ep)
+  else
+    redis.call('SREM', busy_key(app), ep)
+  end
+end
+
+local function push(app, part, job, front)
+  if front then
+    redis.call('LPUSH', list_key(app, part), job)
+  else
+    redis.call('RPUSH', list_key(app, part), job)
+  end
+  redis.call('INCR', COUNT)
+  if part ~= '' then redis.call('SADD', busy_key(app), part) end
+  activate(app, part)
+end
+
+-- Holds an endpoint's partition until `untl`; `exact` replaces a later hold.
+local function hold(app, ep, untl, exact)
+  local k = ep_key(app, ep)
+  local cur = tonumber(redis.call('HGET', k, 'hold')) or 0
+  if not exact and cur > untl then untl = cur end
+  redis.call('HSET', k, 'hold', untl)
+  redis.call('ZADD', HELD, untl, app .. '|' .. ep)
+  deactivate(app, ep)
+  redis.call('SADD', busy_key(app), ep)
+end
+
+local function unhold(app, ep)
+  redis.call('HDEL', ep_key(app, ep), 'hold')
+  redis.call('ZREM', HELD, app .. '|' .. ep)
+  if redis.call('LLEN', list_key(app, ep)) > 0 then activate(app, ep) end
+  refresh_busy(app, ep)
+end
+
+-- Ends an endpoint's breaker, hold and rate state: as new.
+local function reset(app, ep)
+  redis.call('DEL', ep_key(app, ep))
+  unhold(app, ep)
+end
+
+-- The breaker's sliding window: ten buckets of window/10 ms.
+local function bucket_now(window)
+  local size = math.max(1, math.floor(window / 10))
+  return math.floor(NOW / size)
+end
+
+local function window_counts(k, window)
+  local cur = bucket_now(window)
+  local fields = {}
+  for j = cur - 9, cur do
+    fields[#fields + 1] = 's' .. j
+    fields[#fields + 1] = 'f' .. j
+  end
+  local vals = redis.call('HMGET', k, unpack(fields))
+  local n, failed = 0, 0
+  for j = 1, #vals, 2 do
+    local s, f = tonumber(vals[j]) or 0, tonumber(vals[j + 1]) or 0
+    n = n + s + f
+    failed = failed + f
+  end
+  return n, failed
+end
+
+local function count_answer(k, window, failed)
+  local cur = bucket_now(window)
+  local last = tonumber(redis.call('HGET', k, 'last'))
+  if last and last < cur then
+    for j = last - 9, math.min(last, cur - 10) do
+      redis.call('HDEL', k, 's' .. j, 'f' .. j)
+    end
+  end
+  if not last or last < cur then redis.call('HSET', k, 'last', cur) end
+  redis.call('HINCRBY', k, (failed and 'f' or 's') .. cur, 1)
+end

@@ -1,0 +1,235 @@
+-- Takes up to ARGV[3] jobs fairly, after moving what fell due.
+-- ARGV: 3 max, 4 lease ms, 5 n app rooms, then app, room pairs, then
+-- n endpoint rooms, then 'app|ep', room pairs.
+-- Returns {more, next due in ms or -1, n, (lease, app, part, job, disabled) x n,
+--          n apps, (app, k, endpoint x k) x n}.
+local max, lease_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
+
+-- 1. What fell due: leases whose worker died (back to the front), retries,
+-- holds that end (an open breaker's cool-down is over: half-open).
+-- Newest first: each goes to the front, so the oldest ends up first.
+local expired = redis.call('ZRANGEBYSCORE', LEASES, '-inf', NOW, 'LIMIT', 0, 100)
+for e = #expired, 1, -1 do
+  local id = expired[e]
+  local v = redis.call('HGET', LEASED, id)
+  redis.call('ZREM', LEASES, id)
+  redis.call('HDEL', LEASED, id)
+  if v then
+    local app, part, job = unpack_entry(v)
+    if part ~= '' and redis.call('HGET', ep_key(app, part), 'probe') == id then
+      redis.call('HDEL', ep_key(app, part), 'probe')
+    end
+    push(app, part, job, true)
+  end
+end
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', DELAYED, '-inf', NOW, 'LIMIT', 0, 200)) do
+  redis.call('ZREM', DELAYED, m)
+  local nl = string.find(m, '\n', 1, true)
+  local app, part, job = unpack_entry(string.sub(m, nl + 1))
+  push(app, part, job, false)
+end
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', HELD, '-inf', NOW, 'LIMIT', 0, 200)) do
+  local app, ep = split_bar(m)
+  local k = ep_key(app, ep)
+  if redis.call('HGET', k, 'state') == 'open' then redis.call('HSET', k, 'state', 'half') end
+  unhold(app, ep)
+end
+
+-- 2. Parameters: defaults, then what this worker has room for.
+local quantum, d_weight, d_appcap, d_epcap = 8, 1, 1000000000, 1000000000
+local d = redis.call('HGET', CONF, '_')
+if d then
+  local a, b, c, e = string.match(d, '^(%S+) (%S+) (%S+) (%S+)$')
+  quantum, d_weight, d_appcap, d_epcap = tonumber(a), tonumber(b), tonumber(c), tonumber(e)
+end
+local app_room, ep_room, weights = {}, {}, {}
+local i = 5
+for _ = 1, tonumber(ARGV[i]) do
+  app_room[ARGV[i + 1]] = tonumber(ARGV[i + 2])
+  i = i + 2
+end
+i = i + 1
+for _ = 1, tonumber(ARGV[i]) do
+  ep_room[ARGV[i + 1]] = tonumber(ARGV[i + 2])
+  i = i + 2
+end
+
+local function app_conf(app)
+  if weights[app] == nil then
+    local c = redis.call('HGET', CONF, 'a:' .. app)
+    local w, cap = d_weight, d_appcap
+    if c then
+      local a, b = string.match(c, '^(%S+) (%S+)$')
+      w, cap = tonumber(a), tonumber(b)
+    end
+    weights[app] = w
+    if app_room[app] == nil then app_room[app] = cap end
+  end
+  return weights[app], app_room[app]
+end
+
+local ep_confs = {}
+local function ep_conf(app, ep)
+  local key = app .. '|' .. ep
+  local c = ep_confs[key]
+  if c == nil then
+    c = { d_epcap, 0, 0 }
+    local s = redis.call('HGET', CONF, 'e:' .. key)
+    if s then
+      local a, b, e = string.match(s, '^(%S+) (%S+) (%S+)$')
+      c = { tonumber(a), tonumber(b), tonumber(e) }
+    end
+    ep_confs[key] = c
+    if ep_room[key] == nil then ep_room[key] = c[1] end
+  end
+  return c, ep_room[key]
+end
+
+-- 3. Taking.
+local out = {}
+local function take_from(app, part, n, disabled)
+  if n <= 0 then return 0 end
+  local jobs = redis.call('LPOP', list_key(app, part), n)
+  if not jobs then return 0 end
+  local id
+  for _, job in ipairs(jobs) do
+    id = tostring(redis.call('INCR', P .. 'seq'))
+    redis.call('ZADD', LEASES, NOW + lease_ms, id)
+    redis.call('HSET', LEASED, id, app .. '|' .. part .. '\n' .. job)
+    out[#out + 1] = id
+    out[#out + 1] = app
+    out[#out + 1] = part
+    out[#out + 1] = job
+    out[#out + 1] = disabled or ''
+  end
+  redis.call('DECRBY', COUNT, #jobs)
+  return #jobs, id
+end
+
+-- One endpoint partition's share of a turn.
+local function take_endpoint(app, ep, budget)
+  local c, room = ep_conf(app, ep)
+  local want = math.min(budget, room)
+  if want <= 0 then return 0 end
+  local k = ep_key(app, ep)
+  local st = redis.call('HMGET', k, 'state', 'probe', 'tat', 'reason')
+  if st[1] == 'disabled' then
+    return take_from(app, ep, want, st[4] or 'endpoint disabled')
+  end
+  if st[1] == 'half' or st[1] == 'open' then
+    -- One probe at a time; nothing else until it is answered.
+    local expires = st[2] and redis.call('ZSCORE', LEASES, st[2])
+    if expires then
+      hold(app, ep, tonumber(expires), true)
+      return 0
+    end
+    local n, id = take_from(app, ep, 1)
+    if n > 0 then
+      redis.call('HSET', k, 'probe', id, 'state', 'half')
+      hold(app, ep, NOW + lease_ms, true)
+    end
+    return n
+  end
+  local interval, tolerance = c[2], c[3]
+  if interval <= 0 then return take_from(app, ep, want) end
+  -- GCRA (mirrors ratelimit::admit).
+  local tat = tonumber(st[3]) or NOW
+  if tat < NOW then tat = NOW end
+  local len = redis.call('LLEN', list_key(app, ep))
+  local allowed = 0
+  if tat - NOW <= tolerance then
+    allowed = math.min(want, len, math.floor((tolerance - (tat - NOW)) / interval) + 1)
+  end
+  local n = take_from(app, ep, allowed)
+  tat = tat + n * interval
+  redis.call('HSET', k, 'tat', tat)
+  if n < want and len > n then hold(app, ep, math.ceil(tat - tolerance), true) end
+  return n
+end
+
+-- One app's turn: its partitions in round-robin order, up to `budget` jobs.
+local function turn(app, budget)
+  local gave, intake = 0, false
+  for _, part in ipairs(redis.call('ZRANGE', parts_key(app), 0, -1)) do
+    if budget <= 0 then break end
+    local n
+    if part == '' then
+      n = take_from(app, '', budget)
+      if n > 0 then intake = true end
+    else
+      n = take_endpoint(app, part, budget)
+      if n > 0 then
+        local key = app .. '|' .. part
+        ep_room[key] = ep_room[key] - n
+      end
+    end
+    if n > 0 then
+      gave, budget = gave + n, budget - n
+      if redis.call('LLEN', list_key(app, part)) == 0 then
+        redis.call('ZREM', parts_key(app), part)
+        if part ~= '' then refresh_busy(app, part) end
+      elseif redis.call('ZSCORE', parts_key(app), part) then
+        redis.call('ZADD', parts_key(app), vnext(), part)
+      end
+    end
+  end
+  return gave, intake
+end
+
+local remaining, stuck, nstuck, intake_apps = max, {}, 0, {}
+while remaining > 0 do
+  local progress = false
+  for _, app in ipairs(redis.call('ZRANGE', READY, 0, remaining + nstuck)) do
+    if remaining <= 0 then break end
+    if not stuck[app] then
+      local weight, room = app_conf(app)
+      local gave, intake = 0, false
+      if room > 0 then
+        gave, intake = turn(app, math.min(quantum * weight, room, remaining))
+      end
+      if gave > 0 then
+        progress = true
+        app_room[app] = room - gave
+        remaining = remaining - gave
+        if intake then intake_apps[app] = true end
+        if redis.call('ZCARD', parts_key(app)) > 0 then
+          redis.call('ZADD', READY, vnext(), app)
+        else
+          redis.call('ZREM', READY, app)
+        end
+      else
+        stuck[app] = true
+        nstuck = nstuck + 1
+      end
+    end
+  end
+  if not progress then break end
+end
+
+local more = 0
+if remaining <= 0 and redis.call('ZCARD', READY) > nstuck then
+  more = 1
+  -- Wake idle workers, at most every 20 ms.
+  if redis.call('SET', P .. 'rang', '1', 'PX', 20, 'NX') then ring() end
+end
+local next_due = -1
+for _, key in ipairs({ DELAYED, HELD, LEASES }) do
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if first[2] then
+    local t = math.max(0, tonumber(first[2]) - NOW)
+    if next_due < 0 or t < next_due then next_due = t end
+  end
+end
+
+local result = { more, next_due, #out / 5 }
+for _, v in ipairs(out) do result[#result + 1] = v end
+local apps = {}
+for app in pairs(intake_apps) do apps[#apps + 1] = app end
+result[#result + 1] = #apps
+for _, app in ipairs(apps) do
+  local eps = redis.call('SMEMBERS', busy_key(app))
+  result[#result + 1] = app
+  result[#result + 1] = #eps
+  for _, e in ipairs(eps) do result[#result + 1] = e end
+end
+return result
