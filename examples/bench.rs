@@ -1,10 +1,11 @@
 //! Run with: cargo run --release --example bench -- --events 200000 --concurrency 256 --redis-url redis://127.0.0.1:6379
 //!
-//! End-to-end throughput of the delivery path: Redis stream → worker →
-//! Pusher-signed HTTP POST → commit (XACK), in one process against a real Redis.
+//! End-to-end throughput of the delivery path: the Redis queue (app
+//! partitions, fair take) → worker → Pusher-signed HTTP POST → commit (the
+//! lease released with the outcome), in one process against a real Redis.
 //!
 //! Modes:
-//! - `burst` (default): enqueue `--events` jobs first (pipelined XADD, batches
+//! - `burst` (default): enqueue `--events` jobs first (one enqueue script call per batch
 //!   of 1,000), then start the worker and time how long it takes to deliver
 //!   them all. Latency here includes the time each job waited in the queue.
 //! - `steady --rate R`: start the worker, and enqueue at R events/s from a
@@ -16,6 +17,12 @@
 //! time since the event was enqueued (the Pusher body's `time_ms`). With
 //! `--sink-url` an external receiver is used instead, and progress is read
 //! from the queue's `delivered` counter (no latency then).
+//!
+//! `--apps N` spreads the events over N apps (one endpoint each, all on the
+//! sink), enqueued app by app: the fair scheduler then interleaves them.
+//! The endpoint and app caps are lifted to `--concurrency` so one app can use
+//! every slot (as before caps existed); `--default-caps` keeps the shipped
+//! ones (16 per endpoint, 128 per app per worker).
 //!
 //! `--plugin PATH [--plugin-config k=v ...]` puts a plugin in the app's chain:
 //! its cost per call (fresh instance, ~1 KB event) is measured first, then the
@@ -100,6 +107,22 @@ struct Args {
     /// per call (default: the configured default, warm instances).
     #[arg(long = "max-reuse", value_name = "CALLS")]
     max_reuse: Option<u32>,
+    /// Apps sharing the events (each with its own endpoint on the sink).
+    #[arg(long, default_value_t = 1)]
+    apps: usize,
+    /// Keep the shipped caps (max_in_flight 16 per endpoint, 128 per app)
+    /// instead of lifting them to --concurrency.
+    #[arg(long)]
+    default_caps: bool,
+}
+
+/// The id of app `i` of `n`.
+fn app_id(i: usize, n: usize) -> String {
+    if n <= 1 {
+        APP_ID.to_string()
+    } else {
+        format!("{APP_ID}-{i}")
+    }
 }
 
 #[tokio::main]
@@ -108,8 +131,8 @@ async fn main() -> anyhow::Result<()> {
     if args.log {
         wasmhook::telemetry::init(wasmhook::config::LogFormat::Pretty, "info");
     }
-    if args.events == 0 || args.concurrency == 0 {
-        bail!("--events and --concurrency must be at least 1");
+    if args.events == 0 || args.concurrency == 0 || args.apps == 0 {
+        bail!("--events, --concurrency and --apps must be at least 1");
     }
     if args.mode == RunMode::Steady && args.rate.unwrap_or(0) == 0 {
         bail!("--mode steady needs --rate R (events per second, at least 1)");
@@ -198,11 +221,17 @@ async fn run(args: &Args, prefix: &str) -> anyhow::Result<Report> {
         let started = Instant::now();
         let bar = bar(n, "filling");
         let mut sent = 0u64;
-        while sent < n {
-            let k = (n - sent).min(FILL_BATCH as u64) as usize;
-            enqueue_batch(&queue, &event, k).await?;
-            sent += k as u64;
-            bar.set_position(sent);
+        // App by app: each app's share, in batches of at most FILL_BATCH.
+        let share = n.div_ceil(args.apps as u64);
+        for i in 0..args.apps {
+            let mut mine = share.min(n - sent);
+            while mine > 0 {
+                let k = mine.min(FILL_BATCH as u64) as usize;
+                enqueue_batch(&queue, &app_id(i, args.apps), &event, k).await?;
+                sent += k as u64;
+                mine -= k as u64;
+                bar.set_position(sent);
+            }
         }
         bar.finish_and_clear();
         fill = Some((n, started.elapsed()));
@@ -218,6 +247,7 @@ async fn run(args: &Args, prefix: &str) -> anyhow::Result<Report> {
             event.clone(),
             n,
             args.rate.unwrap_or(1),
+            args.apps,
             stop_producer.clone(),
         )),
         RunMode::Burst => None,
@@ -426,17 +456,27 @@ fn plugin_toml(args: &Args) -> anyhow::Result<String> {
     };
     let path =
         std::fs::canonicalize(path).with_context(|| format!("--plugin {}", path.display()))?;
-    let config: Vec<String> = plugin_config(args)?
-        .iter()
-        .map(|(k, v)| format!("{} = {}", toml_str(k), toml_str(v)))
-        .collect();
     let reuse = match args.max_reuse {
         Some(n) => format!("max_reuse = {n}\n"),
         None => String::new(),
     };
     Ok(format!(
-        "\n[plugins.bench]\npath = {}\n{reuse}\n[[apps.plugins]]\nplugin = \"bench\"\nconfig = {{ {} }}\n",
+        "\n[plugins.bench]\npath = {}\n{reuse}\n",
         toml_str(&path.display().to_string()),
+    ))
+}
+
+/// The app's chain: the bench plugin with its config (empty without one).
+fn plugin_chain(args: &Args) -> anyhow::Result<String> {
+    if args.plugin.is_none() {
+        return Ok(String::new());
+    }
+    let config: Vec<String> = plugin_config(args)?
+        .iter()
+        .map(|(k, v)| format!("{} = {}", toml_str(k), toml_str(v)))
+        .collect();
+    Ok(format!(
+        "\n[[apps.plugins]]\nplugin = \"bench\"\nconfig = {{ {} }}\n",
         config.join(", ")
     ))
 }
@@ -500,6 +540,34 @@ async fn measure_plugin(settings: &Settings, args: &Args, calls: u32) -> anyhow:
 }
 
 fn bench_settings(args: &Args, prefix: &str, sink_url: &str) -> anyhow::Result<Settings> {
+    let caps = if args.default_caps {
+        String::new()
+    } else {
+        format!(
+            "app_max_in_flight = {c}\n\n[delivery]\nmax_in_flight = {c}\n",
+            c = args.concurrency
+        )
+    };
+    let chain = plugin_chain(args)?;
+    let mut apps = String::new();
+    for i in 0..args.apps {
+        apps.push_str(&format!(
+            r#"
+[[apps]]
+id = "{id}"
+key = "bench-key"
+secret = "bench-secret-0123456789abcdef"
+ingest_token = "bench-token"
+
+[[apps.webhooks]]
+url = {sink}
+scheme = "pusher"
+{chain}
+"#,
+            id = app_id(i, args.apps),
+            sink = toml_str(sink_url),
+        ));
+    }
     let text = format!(
         r#"
 [redis]
@@ -512,26 +580,13 @@ echo = false
 
 [queues]
 concurrency = {concurrency}
-app_max_in_flight = {concurrency}
-
-[delivery]
-max_in_flight = {concurrency}
-
-[[apps]]
-id = "{APP_ID}"
-key = "bench-key"
-secret = "bench-secret-0123456789abcdef"
-ingest_token = "bench-token"
-
-[[apps.webhooks]]
-url = {sink}
-scheme = "pusher"
+{caps}
 {plugin}
+{apps}
 "#,
         redis = toml_str(&args.redis_url),
         prefix = toml_str(prefix),
         concurrency = args.concurrency,
-        sink = toml_str(sink_url),
         plugin = plugin_toml(args)?,
     );
     wasmhook::config::load_from(None, Some(&text), std::iter::empty())
@@ -563,12 +618,12 @@ fn sample_event() -> anyhow::Result<Event> {
     Ok(event)
 }
 
-async fn enqueue_batch(queue: &Queue, event: &Event, k: usize) -> anyhow::Result<()> {
+async fn enqueue_batch(queue: &Queue, app: &str, event: &Event, k: usize) -> anyhow::Result<()> {
     let created_ms = now_ms();
     let jobs: Vec<Job> = (0..k)
-        .map(|_| Job::new(APP_ID, event.clone(), created_ms))
+        .map(|_| Job::new(app, event.clone(), created_ms))
         .collect();
-    queue.enqueue(APP_ID, &jobs).await.context("enqueueing")?;
+    queue.enqueue(app, &jobs).await.context("enqueueing")?;
     Ok(())
 }
 
@@ -579,6 +634,7 @@ fn start_producer(
     event: Event,
     n: u64,
     rate: u64,
+    apps: usize,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<anyhow::Result<(u64, Duration, f64)>> {
     std::thread::Builder::new()
@@ -593,12 +649,14 @@ fn start_producer(
                 let mut tick = tokio::time::interval(Duration::from_millis(5));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 let mut sent = 0u64;
+                let mut next_app = 0;
                 while sent < n && !stop.load(Ordering::Relaxed) {
                     tick.tick().await;
                     let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(n);
                     while sent < due {
                         let k = (due - sent).min(FILL_BATCH as u64) as usize;
-                        enqueue_batch(&queue, &event, k).await?;
+                        enqueue_batch(&queue, &app_id(next_app, apps), &event, k).await?;
+                        next_app = (next_app + 1) % apps;
                         sent += k as u64;
                     }
                 }
@@ -992,15 +1050,21 @@ impl Report {
             m.nproc, m.cpu, m.mem, m.redis
         );
         println!(
-            "run:         mode {:?}, {} events, concurrency {}, sink {}, prefix {prefix}",
+            "run:         mode {:?}, {} events, {} app(s), concurrency {}{}, sink {}, prefix {prefix}",
             self.mode,
             self.events,
+            args.apps,
             args.concurrency,
+            if args.default_caps {
+                " (default caps)"
+            } else {
+                ""
+            },
             args.sink_url.as_deref().unwrap_or("built-in loopback"),
         );
         if let Some((n, d)) = self.fill {
             println!(
-                "fill:        {n} events in {:.3} s = {:.0} events/s (pipelined XADD, {FILL_BATCH} per batch)",
+                "fill:        {n} events in {:.3} s = {:.0} events/s (one enqueue script call per {FILL_BATCH})",
                 d.as_secs_f64(),
                 rate(n, d)
             );

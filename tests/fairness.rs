@@ -83,12 +83,10 @@ async fn a_slow_endpoint_holds_only_its_own_slots_and_another_app_flows_past() {
         "the slow endpoint never holds more than its max_in_flight: {most_in_flight}"
     );
     assert!(rx.arrived("slow") <= 32, "{}", rx.arrived("slow"));
-    // The rest of the noisy backlog waits in its endpoint's partition, not in
-    // the worker.
+    // The rest of the noisy backlog waits in the queue, not in the worker.
     let q = queue(&text);
     let d = q.depth().await.unwrap();
     assert!(d.ready >= 400, "{d:?}");
-    assert!(d.in_flight <= 16, "{d:?}");
     wh.shutdown().await;
 }
 

@@ -236,7 +236,12 @@ async fn accepted_events_are_in_redis_before_the_answer() {
         .query(&mut conn)
         .unwrap();
     assert_eq!(listed.len(), 2);
-    for (raw, id) in listed.iter().zip(&ids) {
+    let bodies: Vec<String> = redis::cmd("HMGET")
+        .arg(format!("{p}:{{0}}:jobs"))
+        .arg(&listed)
+        .query(&mut conn)
+        .unwrap();
+    for (raw, id) in bodies.iter().zip(&ids) {
         let job: serde_json::Value = serde_json::from_str(raw).unwrap();
         assert_eq!(&job["id"], id.as_str());
         assert_eq!(job["app_id"], "app-1");

@@ -170,7 +170,38 @@ impl RedisQueue {
             inv.arg(format!("{app}|{ep}")).arg(room);
         }
         let reply: Vec<Value> = inv.invoke_async(&mut self.conn.clone()).await?;
-        parse_taken(reply)
+        let (mut taken, leases) = parse_taken(reply)?;
+        if leases.is_empty() {
+            return Ok(taken);
+        }
+        // The jobs themselves, read outside the script: they never pass
+        // through Lua on the way out.
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.keys.key("jobs"));
+        for (_, _, job_id, _) in &leases {
+            cmd.arg(job_id);
+        }
+        let bodies: Vec<Option<Vec<u8>>> = cmd.query_async(&mut self.conn.clone()).await?;
+        if bodies.len() != leases.len() {
+            return Err(QueueError::Corrupt("job bodies reply".into()));
+        }
+        for ((lease, (app, part), job_id, disabled), body) in leases.into_iter().zip(bodies) {
+            let job = match body {
+                Some(raw) => entry::decode(&format!("0-{job_id}"), Some(&raw)),
+                None => Err(entry::Malformed {
+                    raw: String::new(),
+                    reason: format!("job {job_id} has no stored body"),
+                }),
+            };
+            taken.jobs.push(Leased {
+                lease,
+                app,
+                endpoint: (!part.is_empty()).then_some(part),
+                job,
+                disabled,
+            });
+        }
+        Ok(taken)
     }
 
     pub(super) async fn commit(
@@ -196,43 +227,76 @@ impl RedisQueue {
         .arg(self.options.max_hold.as_millis() as u64)
         .arg(completions.len());
         for c in completions {
-            inv.arg(&c.lease).arg(c.effects.len());
+            inv.arg(&c.lease);
+        }
+        for c in completions {
+            // 'seq|job id|app|part'
+            inv.arg(c.lease.split('|').nth(1).unwrap_or(""));
+        }
+        // Successes are counted per endpoint, not per job: a run of them is
+        // sent as one signal, before the endpoint's next other signal or at
+        // the end.
+        let mut successes: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for c in completions {
+            let stats: Vec<&str> = c
+                .effects
+                .iter()
+                .filter_map(|e| match e {
+                    Effect::Count(stat) => Some(stat.name()),
+                    _ => None,
+                })
+                .collect();
+            let mut sent: Vec<Vec<String>> = Vec::new();
             for effect in &c.effects {
                 match effect {
-                    Effect::Enqueue(job) => {
-                        inv.arg("E")
-                            .arg(&job.app_id)
-                            .arg(job.endpoint.as_deref().unwrap_or(""))
-                            .arg(entry::encode(job));
-                    }
-                    Effect::Schedule { job, delay_ms } => {
-                        inv.arg("S")
-                            .arg(delay_ms)
-                            .arg(&job.app_id)
-                            .arg(job.endpoint.as_deref().unwrap_or(""))
-                            .arg(entry::encode(job));
-                    }
-                    Effect::DeadLetter(letter) => {
-                        inv.arg("D").arg(encode_letter(letter));
-                    }
-                    Effect::Count(stat) => {
-                        inv.arg("C").arg(stat.name());
-                    }
+                    Effect::Count(_) => {}
+                    Effect::Health {
+                        app,
+                        endpoint,
+                        signal: Signal::Success,
+                    } => *successes.entry((app, endpoint)).or_default() += 1,
                     Effect::Health {
                         app,
                         endpoint,
                         signal,
                     } => {
+                        if let Some(n) = successes.remove(&(app.as_str(), endpoint.as_str())) {
+                            sent.push(health_args(app, endpoint, "ok", n.to_string()));
+                        }
                         let (name, arg) = match signal {
-                            Signal::Success => ("ok", String::new()),
+                            Signal::Success => ("ok", "1".to_string()),
                             Signal::Failure => ("fail", String::new()),
                             Signal::SlowDown(d) => ("slow", d.as_millis().to_string()),
                             Signal::Disable(reason) => ("off", reason.clone()),
                         };
-                        inv.arg("H").arg(app).arg(endpoint).arg(name).arg(arg);
+                        sent.push(health_args(app, endpoint, name, arg));
+                    }
+                    Effect::Enqueue(job) => sent.push(vec![
+                        "E".into(),
+                        job.app_id.clone(),
+                        job.endpoint.clone().unwrap_or_default(),
+                        entry::encode(job),
+                    ]),
+                    Effect::Schedule { job, delay_ms } => sent.push(vec![
+                        "S".into(),
+                        delay_ms.to_string(),
+                        job.app_id.clone(),
+                        job.endpoint.clone().unwrap_or_default(),
+                        entry::encode(job),
+                    ]),
+                    Effect::DeadLetter(letter) => {
+                        sent.push(vec!["D".into(), encode_letter(letter)])
                     }
                 }
             }
+            inv.arg(stats.join(",")).arg(sent.len());
+            for args in sent {
+                inv.arg(args);
+            }
+        }
+        inv.arg(successes.len());
+        for ((app, endpoint), n) in successes {
+            inv.arg(app).arg(endpoint).arg(n);
         }
         let reply: Vec<String> = inv.invoke_async(&mut self.conn.clone()).await?;
         Ok(reply
@@ -541,11 +605,19 @@ fn app_jobs<'a>(app: &'a str, jobs: &'a [(String, String)]) -> Vec<(&'a str, &'a
         .collect()
 }
 
+fn health_args(app: &str, endpoint: &str, signal: &str, arg: String) -> Vec<String> {
+    vec!["H".into(), app.into(), endpoint.into(), signal.into(), arg]
+}
+
 fn encode_letter(letter: &DeadLetter) -> String {
     serde_json::to_string(letter).expect("a dead letter always serializes")
 }
 
-fn parse_taken(reply: Vec<Value>) -> Result<Taken, QueueError> {
+/// A lease as the take script returns it: (lease id, (app, partition), job
+/// id, disabled reason).
+type RawLease = (String, (String, String), String, Option<String>);
+
+fn parse_taken(reply: Vec<Value>) -> Result<(Taken, Vec<RawLease>), QueueError> {
     let bad = || QueueError::Corrupt("unexpected reply from the take script".into());
     let mut it = reply.into_iter();
     let num = |it: &mut std::vec::IntoIter<Value>| -> Result<i64, QueueError> {
@@ -558,25 +630,19 @@ fn parse_taken(reply: Vec<Value>) -> Result<Taken, QueueError> {
     };
     let more = num(&mut it)? == 1;
     let next_due = num(&mut it)?;
-    let n = num(&mut it)?;
-    let mut jobs = Vec::with_capacity(n.max(0) as usize);
-    for _ in 0..n {
-        let lease = text(&mut it)?;
+    let groups = num(&mut it)?;
+    let mut leases = Vec::new();
+    for _ in 0..groups {
         let app = text(&mut it)?;
         let part = text(&mut it)?;
-        let raw = it.next().ok_or_else(bad)?;
-        let raw = match raw {
-            Value::BulkString(b) => b,
-            _ => return Err(bad()),
-        };
         let disabled = text(&mut it)?;
-        jobs.push(Leased {
-            job: entry::decode(&format!("0-{lease}"), Some(&raw)),
-            lease,
-            app,
-            endpoint: (!part.is_empty()).then_some(part),
-            disabled: (!disabled.is_empty()).then_some(disabled),
-        });
+        let disabled = (!disabled.is_empty()).then_some(disabled);
+        for _ in 0..num(&mut it)? {
+            let lease = text(&mut it)?;
+            // 'seq|job id|app|part'
+            let job_id = lease.split('|').nth(1).ok_or_else(bad)?.to_string();
+            leases.push((lease, (app.clone(), part.clone()), job_id, disabled.clone()));
+        }
     }
     let mut busy = BTreeMap::new();
     let apps = num(&mut it)?;
@@ -590,12 +656,13 @@ fn parse_taken(reply: Vec<Value>) -> Result<Taken, QueueError> {
         eps.sort();
         busy.insert(app, eps);
     }
-    Ok(Taken {
-        jobs,
+    let taken = Taken {
+        jobs: Vec::with_capacity(leases.len()),
         busy,
         more,
         next_due: (next_due >= 0).then(|| Duration::from_millis(next_due as u64)),
-    })
+    };
+    Ok((taken, leases))
 }
 
 /// The doorbell: a pub/sub subscription of its own. A hint only: a lost

@@ -3,10 +3,18 @@
 -- job triples; then n dead letters (JSON); then n inbox ids.
 local i = 4
 local n = tonumber(ARGV[i]); i = i + 1
+-- Runs of jobs for the same partition go in one push.
+local run_app, run_part, run = nil, nil, {}
 for _ = 1, n do
-  push(ARGV[i], ARGV[i + 1], ARGV[i + 2], false)
+  local app, part = ARGV[i], ARGV[i + 1]
+  if app ~= run_app or part ~= run_part then
+    if run_app then push_many(run_app, run_part, store(run), false) end
+    run_app, run_part, run = app, part, {}
+  end
+  run[#run + 1] = ARGV[i + 2]
   i = i + 3
 end
+if run_app then push_many(run_app, run_part, store(run), false) end
 n = tonumber(ARGV[i]); i = i + 1
 if n > 0 then redis.call('HINCRBY', STATS, 'dead', n) end
 for _ = 1, n do

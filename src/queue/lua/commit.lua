@@ -2,9 +2,13 @@
 -- handed out again) records nothing but what the attempt said about the
 -- endpoint. ARGV: 3 breaker 'rate min_requests window consecutive cool
 -- max_cool disable_after' (ms), 4 disable reason, 5 max hold (ms),
--- 6 n completions, then per completion: lease, n effects, effects:
---   'E' app part job | 'S' delay app part job | 'D' letter | 'C' stat |
---   'H' app endpoint signal arg   (signal: ok, fail, slow (arg ms), off (arg reason))
+-- 6 n completions, then the n lease ids, then their n job ids, then per
+-- completion: its counters (names joined by ','), n effects, effects:
+--   'E' app part job | 'S' delay app part job | 'D' letter |
+--   'H' app endpoint signal arg   (signal: ok (arg: how many), fail,
+--                                  slow (arg: ms), off (arg: reason))
+-- then n, and (app, endpoint, successes) triples: successes not followed by
+-- another signal of the same endpoint in this batch.
 -- Returns breaker changes: app, endpoint, state triples.
 local r, mr, win, consec, cool, max_cool, disable =
   string.match(ARGV[3], '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
@@ -13,7 +17,7 @@ cool, max_cool, disable = tonumber(cool), tonumber(max_cool), tonumber(disable)
 local disable_reason, max_hold = ARGV[4], tonumber(ARGV[5])
 local changes = {}
 
-local function health(app, ep, signal, arg)
+local function health(app, ep, signal, arg, n)
   local k = ep_key(app, ep)
   if signal == 'slow' then
     hold(app, ep, NOW + math.min(tonumber(arg), max_hold), false)
@@ -27,7 +31,7 @@ local function health(app, ep, signal, arg)
     after = 'disabled'
     unhold(app, ep)
   elseif signal == 'ok' then
-    count_answer(k, win, false)
+    count_answer(k, win, false, n)
     redis.call('HDEL', k, 'cf', 'since')
     if before == 'open' or before == 'half' then
       redis.call('HDEL', k, 'state', 'cool', 'probe')
@@ -69,51 +73,86 @@ local function health(app, ep, signal, arg)
   end
 end
 
+local n = tonumber(ARGV[6])
+local L, J = 7, 7 + n
+
+-- Which leases are still held: a lapsed one records only health (its job
+-- was handed out again).
+local live, all_live = {}, true
+for c = 0, n - 1, 500 do
+  local scores = redis.call('ZMSCORE', LEASES, unpack(ARGV, L + c, L + math.min(c + 499, n - 1)))
+  for j, score in ipairs(scores) do
+    live[c + j] = score ~= false
+    if score == false then all_live = false end
+  end
+end
+for c = 0, n - 1, 500 do
+  redis.call('ZREM', LEASES, unpack(ARGV, L + c, L + math.min(c + 499, n - 1)))
+end
+-- The jobs of held leases are done (a retry or a move stores its job anew).
+if all_live then
+  for c = 0, n - 1, 500 do
+    redis.call('HDEL', JOBS, unpack(ARGV, J + c, J + math.min(c + 499, n - 1)))
+  end
+else
+  local done = {}
+  for c = 1, n do
+    if live[c] then done[#done + 1] = ARGV[J + c - 1] end
+  end
+  call_chunked('HDEL', JOBS, done, 500)
+end
+
 local counts = {}
-local i = 7
-for _ = 1, tonumber(ARGV[6]) do
-  local lease, n = ARGV[i], tonumber(ARGV[i + 1])
+local i = 7 + 2 * n
+for c = 1, n do
+  local lease, stats, k = ARGV[L + c - 1], ARGV[i], tonumber(ARGV[i + 1])
   i = i + 2
-  local v = redis.call('HGET', LEASED, lease)
-  local live = redis.call('ZREM', LEASES, lease) == 1 and v
-  if v then redis.call('HDEL', LEASED, lease) end
-  for _ = 1, n do
+  local ok = live[c]
+  if ok and stats ~= '' then
+    if string.find(stats, ',', 1, true) then
+      for name in string.gmatch(stats, '[^,]+') do counts[name] = (counts[name] or 0) + 1 end
+    else
+      counts[stats] = (counts[stats] or 0) + 1
+    end
+  end
+  for _ = 1, k do
     local kind = ARGV[i]
     if kind == 'E' then
-      if live then push(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], false) end
+      if ok then push(ARGV[i + 1], ARGV[i + 2], store({ ARGV[i + 3] })[1], false) end
       i = i + 4
     elseif kind == 'S' then
-      if live then
-        local seq = redis.call('INCR', P .. 'seq')
+      if ok then
+        local id = store({ ARGV[i + 4] })[1]
         redis.call('ZADD', DELAYED, NOW + tonumber(ARGV[i + 1]),
-          seq .. '\n' .. ARGV[i + 2] .. '|' .. ARGV[i + 3] .. '\n' .. ARGV[i + 4])
+          id .. '|' .. ARGV[i + 2] .. '|' .. ARGV[i + 3])
       end
       i = i + 5
     elseif kind == 'D' then
-      if live then redis.call('XADD', DLQ, '*', 'dead', ARGV[i + 1]) end
-      i = i + 2
-    elseif kind == 'C' then
-      if live then counts[ARGV[i + 1]] = (counts[ARGV[i + 1]] or 0) + 1 end
+      if ok then redis.call('XADD', DLQ, '*', 'dead', ARGV[i + 1]) end
       i = i + 2
     elseif kind == 'H' then
-      health(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
+      local signal = ARGV[i + 3]
+      health(ARGV[i + 1], ARGV[i + 2], signal, ARGV[i + 4], signal == 'ok' and tonumber(ARGV[i + 4]) or 1)
       i = i + 5
     else
       return redis.error_reply('unknown effect ' .. tostring(kind))
     end
   end
   -- A half-open probe came back without closing or reopening the breaker
-  -- (a plugin dropped it, say): let the next probe go.
-  if v then
-    local app, part = unpack_entry(v)
-    if part ~= '' then
-      local k = ep_key(app, part)
-      if redis.call('HGET', k, 'probe') == lease then
-        redis.call('HDEL', k, 'probe')
-        if redis.call('HGET', k, 'state') == 'half' then unhold(app, part) end
-      end
+  -- (a plugin dropped it, say): let the next probe go. Leases of new events
+  -- end in '|' (no endpoint).
+  if string.byte(lease, -1) ~= 124 then
+    local _, app, part = lease_entry(lease)
+    local key = ep_key(app, part)
+    if redis.call('HGET', key, 'probe') == lease then
+      redis.call('HDEL', key, 'probe')
+      if redis.call('HGET', key, 'state') == 'half' then unhold(app, part) end
     end
   end
 end
-for name, n in pairs(counts) do redis.call('HINCRBY', STATS, name, n) end
+for _ = 1, tonumber(ARGV[i]) do
+  health(ARGV[i + 1], ARGV[i + 2], 'ok', '', tonumber(ARGV[i + 3]))
+  i = i + 3
+end
+for name, count in pairs(counts) do redis.call('HINCRBY', STATS, name, count) end
 return changes

@@ -6,20 +6,20 @@
 -- Layout (P = ARGV[1]):
 --   P..'ready'         ZSET app -> turn (apps with an eligible partition; lowest goes next)
 --   P..'parts:'..app   ZSET partition -> turn ('' = new events, else an endpoint id)
---   P..'list:'..app..'|'..part   LIST of job JSON (a partition), FIFO
+--   P..'list:'..app..'|'..part   LIST of job ids (a partition), FIFO
+--   P..'jobs'          HASH job id -> job JSON (a job waiting, leased or delayed)
 --   P..'busy:'..app    SET endpoints with waiting jobs, a hold or a breaker not closed
 --   P..'ep:'..app..'|'..ep       HASH breaker (state cf since cool probe reason last sN fN),
 --                                hold (unix ms), tat (rate limiter)
 --   P..'held'          ZSET 'app|ep' -> unix ms the hold ends
---   P..'delayed'       ZSET 'seq\napp|part\njob' -> unix ms due
---   P..'leases'        ZSET lease id -> unix ms it expires
---   P..'leased'        HASH lease id -> 'app|part\njob'
+--   P..'delayed'       ZSET 'job id|app|part' -> unix ms due
+--   P..'leases'        ZSET lease id ('seq|job id|app|part') -> unix ms it expires
 --   P..'count'         jobs waiting in partitions
 --   P..'conf'          HASH '_' -> 'quantum weight appcap epcap', 'a:'..app -> 'weight cap',
 --                      'e:'..app..'|'..ep -> 'cap interval tolerance'
 --   P..'stats'         HASH outcome counters
 --   P..'dlq'           STREAM dead letters
---   P..'seq', P..'vclock'  counters (lease ids, turns)
+--   P..'seq', P..'vclock'  counters (job and lease ids, turns)
 local P = ARGV[1]
 local DOORBELL = ARGV[2]
 local function now_ms()
@@ -28,7 +28,7 @@ local function now_ms()
 end
 local NOW = now_ms()
 local READY, HELD, DELAYED = P .. 'ready', P .. 'held', P .. 'delayed'
-local LEASES, LEASED, COUNT = P .. 'leases', P .. 'leased', P .. 'count'
+local LEASES, JOBS, COUNT = P .. 'leases', P .. 'jobs', P .. 'count'
 local CONF, STATS, DLQ = P .. 'conf', P .. 'stats', P .. 'dlq'
 
 local function vnext() return redis.call('INCR', P .. 'vclock') end
@@ -51,11 +51,33 @@ local function split_bar(s)
   return string.sub(s, 1, i - 1), string.sub(s, i + 1)
 end
 
--- 'app|part\njob' -> app, part, job
-local function unpack_entry(v)
-  local nl = string.find(v, '\n', 1, true)
-  local app, part = split_bar(string.sub(v, 1, nl - 1))
-  return app, part, string.sub(v, nl + 1)
+-- 'id|app|part' -> id, app, part
+local function split_entry(v)
+  local i = string.find(v, '|', 1, true)
+  local app, part = split_bar(string.sub(v, i + 1))
+  return string.sub(v, 1, i - 1), app, part
+end
+
+-- 'seq|job id|app|part' -> job id, app, part
+local function lease_entry(id)
+  local i = string.find(id, '|', 1, true)
+  return split_entry(string.sub(id, i + 1))
+end
+
+-- Stores job bodies under new ids; returns the ids, in order.
+local function store(bodies)
+  local last = redis.call('INCRBY', P .. 'seq', #bodies)
+  local ids, fields = {}, {}
+  for j, body in ipairs(bodies) do
+    local id = tostring(last - #bodies + j)
+    ids[j] = id
+    fields[#fields + 1] = id
+    fields[#fields + 1] = body
+  end
+  for i = 1, #fields, 1000 do
+    redis.call('HSET', JOBS, unpack(fields, i, math.min(i + 999, #fields)))
+  end
+  return ids
 end
 
 local function hold_of(app, part)
@@ -97,15 +119,31 @@ local function refresh_busy(app, ep)
   end
 end
 
-local function push(app, part, job, front)
-  if front then
-    redis.call('LPUSH', list_key(app, part), job)
-  else
-    redis.call('RPUSH', list_key(app, part), job)
+-- redis.call with a long argument list, in chunks (Lua's unpack has a limit).
+local function call_chunked(cmd, key, args, per)
+  for i = 1, #args, per do
+    redis.call(cmd, key, unpack(args, i, math.min(i + per - 1, #args)))
   end
-  redis.call('INCR', COUNT)
+end
+
+-- Adds stored jobs (their ids, in order) to a partition: at the back, or at
+-- the front (then the first of `jobs` ends up first).
+local function push_many(app, part, jobs, front)
+  if #jobs == 0 then return end
+  if front then
+    local rev = {}
+    for i = #jobs, 1, -1 do rev[#rev + 1] = jobs[i] end
+    call_chunked('LPUSH', list_key(app, part), rev, 1000)
+  else
+    call_chunked('RPUSH', list_key(app, part), jobs, 1000)
+  end
+  redis.call('INCRBY', COUNT, #jobs)
   if part ~= '' then redis.call('SADD', busy_key(app), part) end
   activate(app, part)
+end
+
+local function push(app, part, job, front)
+  push_many(app, part, { job }, front)
 end
 
 -- Holds an endpoint's partition until `untl`; `exact` replaces a later hold.
@@ -155,7 +193,7 @@ local function window_counts(k, window)
   return n, failed
 end
 
-local function count_answer(k, window, failed)
+local function count_answer(k, window, failed, n)
   local cur = bucket_now(window)
   local last = tonumber(redis.call('HGET', k, 'last'))
   if last and last < cur then
@@ -164,5 +202,5 @@ local function count_answer(k, window, failed)
     end
   end
   if not last or last < cur then redis.call('HSET', k, 'last', cur) end
-  redis.call('HINCRBY', k, (failed and 'f' or 's') .. cur, 1)
+  redis.call('HINCRBY', k, (failed and 'f' or 's') .. cur, n or 1)
 end

@@ -5,5 +5,5 @@ local app, part = ARGV[4], ARGV[5]
 if part ~= '' and redis.call('HGET', ep_key(app, part), 'state') == 'disabled' then
   reset(app, part)
 end
-push(app, part, ARGV[6], false)
+push(app, part, store({ ARGV[6] })[1], false)
 return 1

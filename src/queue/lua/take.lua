@@ -1,8 +1,9 @@
 -- Takes up to ARGV[3] jobs fairly, after moving what fell due.
 -- ARGV: 3 max, 4 lease ms, 5 n app rooms, then app, room pairs, then
 -- n endpoint rooms, then 'app|ep', room pairs.
--- Returns {more, next due in ms or -1, n, (lease, app, part, job, disabled) x n,
---          n apps, (app, k, endpoint x k) x n}.
+-- Returns {more, next due in ms or -1, n groups, (app, part, disabled, k,
+--          lease x k) x n, n apps, (app, k, endpoint x k) x n}; the worker
+-- reads the jobs (P..'jobs', by the job id in the lease) itself.
 local max, lease_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
 
 -- 1. What fell due: leases whose worker died (back to the front), retries,
@@ -11,21 +12,16 @@ local max, lease_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
 local expired = redis.call('ZRANGEBYSCORE', LEASES, '-inf', NOW, 'LIMIT', 0, 100)
 for e = #expired, 1, -1 do
   local id = expired[e]
-  local v = redis.call('HGET', LEASED, id)
   redis.call('ZREM', LEASES, id)
-  redis.call('HDEL', LEASED, id)
-  if v then
-    local app, part, job = unpack_entry(v)
-    if part ~= '' and redis.call('HGET', ep_key(app, part), 'probe') == id then
-      redis.call('HDEL', ep_key(app, part), 'probe')
-    end
-    push(app, part, job, true)
+  local job, app, part = lease_entry(id)
+  if part ~= '' and redis.call('HGET', ep_key(app, part), 'probe') == id then
+    redis.call('HDEL', ep_key(app, part), 'probe')
   end
+  push(app, part, job, true)
 end
 for _, m in ipairs(redis.call('ZRANGEBYSCORE', DELAYED, '-inf', NOW, 'LIMIT', 0, 200)) do
   redis.call('ZREM', DELAYED, m)
-  local nl = string.find(m, '\n', 1, true)
-  local app, part, job = unpack_entry(string.sub(m, nl + 1))
+  local job, app, part = split_entry(m)
   push(app, part, job, false)
 end
 for _, m in ipairs(redis.call('ZRANGEBYSCORE', HELD, '-inf', NOW, 'LIMIT', 0, 200)) do
@@ -86,24 +82,32 @@ local function ep_conf(app, ep)
 end
 
 -- 3. Taking.
-local out = {}
+-- Taken jobs, grouped: app, partition, disabled reason ('' if not), n,
+-- then n lease ids ('seq|job id|app|part').
+local out, groups = {}, 0
 local function take_from(app, part, n, disabled)
   if n <= 0 then return 0 end
   local jobs = redis.call('LPOP', list_key(app, part), n)
   if not jobs then return 0 end
+  local m = #jobs
+  local last = redis.call('INCRBY', P .. 'seq', m)
+  local expiry, tail = NOW + lease_ms, '|' .. app .. '|' .. part
+  local scores = {}
+  out[#out + 1] = app
+  out[#out + 1] = part
+  out[#out + 1] = disabled or ''
+  out[#out + 1] = m
+  groups = groups + 1
   local id
-  for _, job in ipairs(jobs) do
-    id = tostring(redis.call('INCR', P .. 'seq'))
-    redis.call('ZADD', LEASES, NOW + lease_ms, id)
-    redis.call('HSET', LEASED, id, app .. '|' .. part .. '\n' .. job)
+  for j = 1, m do
+    id = (last - m + j) .. '|' .. jobs[j] .. tail
+    scores[#scores + 1] = expiry
+    scores[#scores + 1] = id
     out[#out + 1] = id
-    out[#out + 1] = app
-    out[#out + 1] = part
-    out[#out + 1] = job
-    out[#out + 1] = disabled or ''
   end
-  redis.call('DECRBY', COUNT, #jobs)
-  return #jobs, id
+  call_chunked('ZADD', LEASES, scores, 1000)
+  redis.call('DECRBY', COUNT, m)
+  return m, id
 end
 
 -- One endpoint partition's share of a turn.
@@ -176,6 +180,14 @@ local function turn(app, budget)
   return gave, intake
 end
 
+-- Turns of quantum x weight jobs; when the batch is large against the apps
+-- waiting, turns grow alike for all (weights kept), so one app alone takes
+-- a whole batch in one turn.
+local total_weight = 0
+for _, app in ipairs(redis.call('ZRANGE', READY, 0, max)) do
+  total_weight = total_weight + app_conf(app)
+end
+local scale = math.max(1, math.floor(max / math.max(1, quantum * total_weight)))
 local remaining, stuck, nstuck, intake_apps = max, {}, 0, {}
 while remaining > 0 do
   local progress = false
@@ -185,7 +197,7 @@ while remaining > 0 do
       local weight, room = app_conf(app)
       local gave, intake = 0, false
       if room > 0 then
-        gave, intake = turn(app, math.min(quantum * weight, room, remaining))
+        gave, intake = turn(app, math.min(quantum * weight * scale, room, remaining))
       end
       if gave > 0 then
         progress = true
@@ -221,7 +233,7 @@ for _, key in ipairs({ DELAYED, HELD, LEASES }) do
   end
 end
 
-local result = { more, next_due, #out / 5 }
+local result = { more, next_due, groups }
 for _, v in ipairs(out) do result[#result + 1] = v end
 local apps = {}
 for app in pairs(intake_apps) do apps[#apps + 1] = app end
