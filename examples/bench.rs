@@ -45,6 +45,10 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{Machine, box_load, cleanup, leading_time_ms, machine_summary, toml_str};
 use wasmhook::config::Settings;
 use wasmhook::event::{Event, Job, now_ms};
 use wasmhook::queue::Queue;
@@ -433,10 +437,6 @@ async fn delivered(queue: &Queue) -> anyhow::Result<u64> {
 // ---------------------------------------------------------------------------
 // Settings and events
 
-fn toml_str(s: &str) -> String {
-    toml::Value::String(s.to_string()).to_string()
-}
-
 fn plugin_config(args: &Args) -> anyhow::Result<Vec<(String, String)>> {
     args.plugin_config
         .iter()
@@ -765,106 +765,8 @@ async fn receive(State(s): State<Arc<SinkState>>, headers: HeaderMap, body: Byte
     StatusCode::OK
 }
 
-/// The digits of a body that starts `{"time_ms":<digits>,`, without parsing
-/// the rest.
-fn leading_time_ms(body: &[u8]) -> Option<u64> {
-    let rest = body.strip_prefix(br#"{"time_ms":"#)?;
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    if digits == 0 || digits > 19 || rest.get(digits) != Some(&b',') {
-        return None;
-    }
-    Some(
-        rest[..digits]
-            .iter()
-            .fold(0u64, |v, b| v * 10 + u64::from(b - b'0')),
-    )
-}
-
 // ---------------------------------------------------------------------------
 // Cleanup and the machine
-
-/// Removes every key of the run: SCAN MATCH <prefix>:* and UNLINK.
-async fn cleanup(redis_url: &str, prefix: &str) -> anyhow::Result<u64> {
-    let client = redis::Client::open(redis_url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let pattern = format!("{prefix}:*");
-    let mut cursor: u64 = 0;
-    let mut removed = 0u64;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
-        if !keys.is_empty() {
-            let n: u64 = redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async(&mut conn)
-                .await?;
-            removed += n;
-        }
-        if next == 0 {
-            return Ok(removed);
-        }
-        cursor = next;
-    }
-}
-
-struct Machine {
-    nproc: usize,
-    cpu: String,
-    mem: String,
-    redis: String,
-}
-
-async fn machine_summary(redis_url: &str) -> Machine {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            (k.trim() == "model name").then(|| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines().find_map(|l| {
-                let kb: u64 = l
-                    .strip_prefix("MemTotal:")?
-                    .trim()
-                    .strip_suffix("kB")?
-                    .trim()
-                    .parse()
-                    .ok()?;
-                Some(format!("{:.1} GiB RAM", kb as f64 / 1024.0 / 1024.0))
-            })
-        })
-        .unwrap_or_else(|| "RAM unknown".into());
-    let redis = async {
-        let client = redis::Client::open(redis_url).ok()?;
-        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
-            .await
-            .ok()?;
-        info.lines()
-            .find_map(|l| l.strip_prefix("redis_version:"))
-            .map(|v| v.trim().to_string())
-    }
-    .await
-    .unwrap_or_else(|| "unknown".into());
-    Machine {
-        nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        cpu,
-        mem,
-        redis,
-    }
-}
 
 // ---------------------------------------------------------------------------
 // CPU accounting: this process's threads by name (/proc/self/task), Redis
@@ -993,29 +895,6 @@ fn thread_cpu_seconds() -> f64 {
     }
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     secs(usage.ru_utime) + secs(usage.ru_stime)
-}
-
-/// Fraction of all CPUs busy over `window` (/proc/stat), before anything runs.
-async fn box_load(window: Duration) -> f64 {
-    let read = || {
-        let s = std::fs::read_to_string("/proc/stat").ok()?;
-        let v: Vec<u64> = s
-            .lines()
-            .next()?
-            .strip_prefix("cpu ")?
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        let total: u64 = v.iter().take(8).sum();
-        Some((total - v.get(3)? - v.get(4)?, total))
-    };
-    let Some((b0, t0)) = read() else { return 0.0 };
-    tokio::time::sleep(window).await;
-    let Some((b1, t1)) = read() else { return 0.0 };
-    if t1 <= t0 {
-        return 0.0;
-    }
-    b1.saturating_sub(b0) as f64 / (t1 - t0) as f64
 }
 
 /// Redis's own CPU seconds (main and background threads), from INFO cpu.
@@ -1151,21 +1030,5 @@ impl Report {
         for p in &self.problems {
             println!("PROBLEM:     {p}");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::leading_time_ms;
-
-    #[test]
-    fn reads_the_leading_time_ms() {
-        assert_eq!(
-            leading_time_ms(br#"{"time_ms":1764201600000,"events":[]}"#),
-            Some(1764201600000)
-        );
-        assert_eq!(leading_time_ms(br#"{"time_ms":,"events":[]}"#), None);
-        assert_eq!(leading_time_ms(br#"{"events":[],"time_ms":1}"#), None);
-        assert_eq!(leading_time_ms(br#"{"time_ms":12"#), None);
     }
 }

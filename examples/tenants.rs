@@ -45,6 +45,10 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{box_load, cleanup, leading_time_ms, machine_summary, toml_str};
 use wasmhook::config::Settings;
 use wasmhook::event::now_ms;
 use wasmhook::producer::Producer;
@@ -148,7 +152,11 @@ async fn main() -> anyhow::Result<()> {
     if args.log {
         wasmhook::telemetry::init(wasmhook::config::LogFormat::Pretty, "info");
     }
-    let machine = machine_summary(&args.redis_url).await?;
+    let m = machine_summary(&args.redis_url).await;
+    let machine = format!(
+        "{}, {} CPUs, Redis {} at {}",
+        m.cpu, m.nproc, m.redis, args.redis_url
+    );
     let given: Vec<String> = std::env::args().skip(1).collect();
     println!(
         "command:    cargo run --release --example tenants -- {}",
@@ -899,10 +907,6 @@ async fn quiet_phase(
     }
 }
 
-fn toml_str(s: &str) -> String {
-    toml::Value::String(s.to_string()).to_string()
-}
-
 /// Settings from TOML text: the defaults, `extra` and apps (id, endpoint
 /// url), each with one `pusher` endpoint.
 fn build_settings(
@@ -1106,114 +1110,5 @@ async fn receive(
     StatusCode::OK
 }
 
-/// The digits of a body that starts `{"time_ms":<digits>,`.
-fn leading_time_ms(body: &[u8]) -> Option<u64> {
-    let rest = body.strip_prefix(br#"{"time_ms":"#)?;
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    if digits == 0 || digits > 19 || rest.get(digits) != Some(&b',') {
-        return None;
-    }
-    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
-}
-
 // ---------------------------------------------------------------------------
 // Cleanup and the machine
-
-/// Removes every key of the run: SCAN MATCH <prefix>:* and UNLINK (DEL that
-/// frees in the background).
-async fn cleanup(redis_url: &str, prefix: &str) -> anyhow::Result<u64> {
-    let client = redis::Client::open(redis_url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let pattern = format!("{prefix}:*");
-    let (mut cursor, mut removed) = (0u64, 0u64);
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
-        if !keys.is_empty() {
-            removed += redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async::<u64>(&mut conn)
-                .await?;
-        }
-        if next == 0 {
-            return Ok(removed);
-        }
-        cursor = next;
-    }
-}
-
-/// CPU model, CPUs and Redis version; fails when Redis does not answer.
-async fn machine_summary(redis_url: &str) -> anyhow::Result<String> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            (k.trim() == "model name").then(|| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let client = redis::Client::open(redis_url)?;
-    let mut conn = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.get_multiplexed_async_connection(),
-    )
-    .await
-    .map_err(|_| anyhow!("Redis at {redis_url} did not answer within 5 s"))?
-    .with_context(|| format!("connecting to Redis at {redis_url}"))?;
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut conn)
-        .await?;
-    let version = info
-        .lines()
-        .find_map(|l| l.strip_prefix("redis_version:"))
-        .map_or("unknown".into(), |v| v.trim().to_string());
-    Ok(format!(
-        "{cpu}, {nproc} CPUs, Redis {version} at {redis_url}"
-    ))
-}
-
-/// Fraction of all CPUs busy over `window` (/proc/stat).
-async fn box_load(window: Duration) -> f64 {
-    let read = || {
-        let s = std::fs::read_to_string("/proc/stat").ok()?;
-        let v: Vec<u64> = s
-            .lines()
-            .next()?
-            .strip_prefix("cpu ")?
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        let total: u64 = v.iter().take(8).sum();
-        Some((total - v.get(3)? - v.get(4)?, total))
-    };
-    let Some((b0, t0)) = read() else { return 0.0 };
-    tokio::time::sleep(window).await;
-    let Some((b1, t1)) = read() else { return 0.0 };
-    if t1 <= t0 {
-        return 0.0;
-    }
-    b1.saturating_sub(b0) as f64 / (t1 - t0) as f64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::leading_time_ms;
-
-    #[test]
-    fn reads_the_leading_time_ms() {
-        assert_eq!(
-            leading_time_ms(br#"{"time_ms":1764201600000,"events":[]}"#),
-            Some(1764201600000)
-        );
-        assert_eq!(leading_time_ms(br#"{"time_ms":,"events":[]}"#), None);
-        assert_eq!(leading_time_ms(br#"{"events":[],"time_ms":1}"#), None);
-    }
-}

@@ -33,6 +33,35 @@ async fn send_all(producer: &Producer, app: &str, events: Vec<serde_json::Value>
     ids
 }
 
+/// One app with `endpoint` on a private Redis, its config written to a file
+/// for worker processes, and a producer.
+struct OneApp {
+    text: String,
+    path: std::path::PathBuf,
+    producer: Producer,
+    _dir: tempfile::TempDir,
+}
+
+fn one_app(redis: &RedisServer, name: &str, endpoint: &str, extra: &str) -> OneApp {
+    let p = prefix(name);
+    let text = config(Some(&redis.url), &p, "127.0.0.1:0", &app("app-1", endpoint)) + extra;
+    let dir = tempfile::tempdir().unwrap();
+    OneApp {
+        path: write_config(&dir, &text),
+        producer: Producer::connect(&redis.url, &p).unwrap(),
+        text,
+        _dir: dir,
+    }
+}
+
+/// SIGTERM to each worker; each exits 0.
+async fn stop_all(workers: Vec<tokio::process::Child>) {
+    for mut w in workers {
+        signal(&w, libc::SIGTERM);
+        assert!(w.wait().await.unwrap().success());
+    }
+}
+
 fn webhook_ids(rx: &Receiver, path: &str) -> HashSet<String> {
     rx.received(path)
         .iter()
@@ -201,26 +230,21 @@ async fn an_open_breaker_stops_every_worker_until_a_probe_succeeds() {
     let redis = RedisServer::start();
     let rx = Receiver::start().await;
     rx.script("down", &[], 500);
-    let p = prefix("breaker");
-    let endpoint = standard_endpoint(&rx.url("down"));
-    let text = config(Some(&redis.url), &p, "127.0.0.1:0", &app("app-1", &endpoint))
-        .replace(
-            "schedule = [\"0ms\", \"50ms\", \"100ms\"]",
-            "schedule = [\"0ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\"]",
-        )
-        + "\n[delivery.breaker]\nfailure_rate = 0.5\nmin_requests = 6\nwindow = \"30s\"\ncool_down = \"3s\"\n";
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(&dir, &text);
-    let producer = Producer::connect(&redis.url, &p).unwrap();
-    let mut a = spawn_serve(&path, "worker");
-    let mut b = spawn_serve(&path, "worker");
-    let ids: HashSet<String> = send_all(&producer, "app-1", events(8, "c"))
+    let endpoint = standard_endpoint(&rx.url("down"))
+        + "retry = { schedule = [\"0ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\"] }\n";
+    let breaker = "\n[delivery.breaker]\nfailure_rate = 0.5\nmin_requests = 6\nwindow = \"30s\"\ncool_down = \"3s\"\n";
+    let one = one_app(&redis, "breaker", &endpoint, breaker);
+    let workers = vec![
+        spawn_serve(&one.path, "worker"),
+        spawn_serve(&one.path, "worker"),
+    ];
+    let ids: HashSet<String> = send_all(&one.producer, "app-1", events(8, "c"))
         .await
         .into_iter()
         .collect();
 
-    let q = queue(&text);
-    let settings = settings(&text);
+    let q = queue(&one.text);
+    let settings = settings(&one.text);
     let ep = settings.apps.get("app-1").unwrap().endpoints[0].id.clone();
     let which = [("app-1".to_string(), ep.clone())];
     eventually("the breaker open", WAIT, async || {
@@ -232,7 +256,7 @@ async fn an_open_breaker_stops_every_worker_until_a_probe_succeeds() {
     // worker, for the rest of the cool-down.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let at_open = rx.arrived("down");
-    let (ok, out, err) = run_cli(&path, &["endpoints"]).await;
+    let (ok, out, err) = run_cli(&one.path, &["endpoints"]).await;
     assert!(ok, "{err}");
     assert!(out.contains("open"), "{out}");
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -260,10 +284,7 @@ async fn an_open_breaker_stops_every_worker_until_a_probe_succeeds() {
         "the open breaker did not use up the retry schedules: {attempts} requests"
     );
     assert_eq!(q.depth().await.unwrap().dead, 0);
-    for w in [&mut a, &mut b] {
-        signal(w, libc::SIGTERM);
-        assert!(w.wait().await.unwrap().success());
-    }
+    stop_all(workers).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,23 +292,16 @@ async fn a_rate_limit_holds_across_two_workers_and_loses_nothing() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let rx = Receiver::start().await;
-    let p = prefix("rate");
     let endpoint = standard_endpoint(&rx.url("limited")) + "rate_limit = \"20/s\"\n";
-    let text = config(
-        Some(&redis.url),
-        &p,
-        "127.0.0.1:0",
-        &app("app-1", &endpoint),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(&dir, &text);
-    let producer = Producer::connect(&redis.url, &p).unwrap();
-    let ids: HashSet<String> = send_all(&producer, "app-1", events(100, "c"))
+    let one = one_app(&redis, "rate", &endpoint, "");
+    let ids: HashSet<String> = send_all(&one.producer, "app-1", events(100, "c"))
         .await
         .into_iter()
         .collect();
-    let mut a = spawn_serve(&path, "worker");
-    let mut b = spawn_serve(&path, "worker");
+    let workers = vec![
+        spawn_serve(&one.path, "worker"),
+        spawn_serve(&one.path, "worker"),
+    ];
     eventually("every event delivered", WAIT, async || {
         (webhook_ids(&rx, "limited") == ids).then_some(())
     })
@@ -313,13 +327,10 @@ async fn a_rate_limit_holds_across_two_workers_and_loses_nothing() {
         span >= Duration::from_millis(4400),
         "100 requests at 20/s take at least ~4.9 s: {span:?}"
     );
-    let q = queue(&text);
+    let q = queue(&one.text);
     assert_eq!(q.depth().await.unwrap().dead, 0);
     assert_eq!(rx.received("limited").len(), 100, "each exactly once");
-    for w in [&mut a, &mut b] {
-        signal(w, libc::SIGTERM);
-        assert!(w.wait().await.unwrap().success());
-    }
+    stop_all(workers).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,23 +340,16 @@ async fn retry_after_slows_an_endpoint_down_for_every_worker() {
     let rx = Receiver::start().await;
     rx.script("busy", &[429], 200);
     rx.retry_after("busy", "2");
-    let p = prefix("slowdown");
     let endpoint = standard_endpoint(&rx.url("busy")) + "max_in_flight = 1\n";
-    let text = config(
-        Some(&redis.url),
-        &p,
-        "127.0.0.1:0",
-        &app("app-1", &endpoint),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(&dir, &text);
-    let producer = Producer::connect(&redis.url, &p).unwrap();
-    let ids: HashSet<String> = send_all(&producer, "app-1", events(10, "c"))
+    let one = one_app(&redis, "slowdown", &endpoint, "");
+    let ids: HashSet<String> = send_all(&one.producer, "app-1", events(10, "c"))
         .await
         .into_iter()
         .collect();
-    let mut a = spawn_serve(&path, "worker");
-    let mut b = spawn_serve(&path, "worker");
+    let workers = vec![
+        spawn_serve(&one.path, "worker"),
+        spawn_serve(&one.path, "worker"),
+    ];
     eventually("every event delivered", WAIT, async || {
         (webhook_ids(&rx, "busy") == ids).then_some(())
     })
@@ -365,10 +369,7 @@ async fn retry_after_slows_an_endpoint_down_for_every_worker() {
             .all(|r| r.at >= first.at + Duration::from_millis(1900)),
         "nothing went to the endpoint while it asked to wait"
     );
-    for w in [&mut a, &mut b] {
-        signal(w, libc::SIGTERM);
-        assert!(w.wait().await.unwrap().success());
-    }
+    stop_all(workers).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

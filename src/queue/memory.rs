@@ -202,6 +202,16 @@ impl Rooms {
     }
 }
 
+/// The first entry of a round-robin set after `cursor` (from the start when
+/// None).
+fn after<K: Ord + Clone>(set: &BTreeSet<K>, cursor: &Option<K>) -> Option<K> {
+    match cursor {
+        None => set.first(),
+        Some(c) => set.range((Bound::Excluded(c), Bound::Unbounded)).next(),
+    }
+    .cloned()
+}
+
 fn tick(vclock: &mut u64) -> u64 {
     *vclock += 1;
     *vclock
@@ -426,14 +436,7 @@ impl State {
             .sum();
         let scale = (request.max / total_turns.max(1)).max(1);
         while remaining > 0 {
-            let next = match &cursor {
-                None => self.ring.first(),
-                Some(c) => self
-                    .ring
-                    .range((Bound::Excluded(c), Bound::Unbounded))
-                    .next(),
-            };
-            let Some((score, app)) = next.cloned() else {
+            let Some((score, app)) = after(&self.ring, &cursor) else {
                 break;
             };
             cursor = Some((score, app.clone()));
@@ -489,14 +492,7 @@ impl State {
             let Some(a) = self.apps.get(app) else {
                 break;
             };
-            let next = match &cursor {
-                None => a.eligible.first(),
-                Some(c) => a
-                    .eligible
-                    .range((Bound::Excluded(c), Bound::Unbounded))
-                    .next(),
-            };
-            let Some((score, part)) = next.cloned() else {
+            let Some((score, part)) = after(&a.eligible, &cursor) else {
                 break;
             };
             cursor = Some((score, part.clone()));
