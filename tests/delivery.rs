@@ -397,10 +397,47 @@ async fn retry_after_is_honoured_and_410_stops_an_endpoint() {
         .await
         .unwrap();
     assert_eq!(states[0].state, wasmhook::breaker::State::Disabled);
+    let ep = states[0].endpoint.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &text);
+    let (ok, out, err) = run_cli(&path, &["endpoints"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains(&ep) && l.contains("disabled") && l.contains("answered 410 Gone")),
+        "{out}"
+    );
     // Replaying enables it again: the endpoint (now answering 200) gets it.
     q.replay(&stopped.0).await.unwrap();
     let got = rx.wait_for("gone", 2, WAIT).await;
     assert_eq!(got[1].status, 200);
+
+    // Disabled again by a 410, then enabled by hand.
+    rx.script("gone", &[410], 200);
+    send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "cache_miss", "channel": "cache-z"}),
+    )
+    .await;
+    rx.wait_for("gone", 3, WAIT).await;
+    eventually("disabled again", WAIT, async || {
+        let s = q.endpoints(&[("app-1".into(), ep.clone())]).await.unwrap();
+        (s[0].state == wasmhook::breaker::State::Disabled).then_some(())
+    })
+    .await;
+    let (ok, out, err) = run_cli(&path, &["endpoints", "reset", &format!("app-1/{ep}")]).await;
+    assert!(ok && out.contains("reset"), "{out}{err}");
+    let (ok, _, err) = run_cli(&path, &["endpoints", "reset", "app-1/nope"]).await;
+    assert!(!ok && err.contains("no endpoint"), "{err}");
+    send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "cache_miss", "channel": "cache-after-reset"}),
+    )
+    .await;
+    let got = rx.wait_for("gone", 4, WAIT).await;
+    assert_eq!(got[3].status, 200, "delivered after the reset");
     wh.shutdown().await;
 }
 

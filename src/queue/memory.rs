@@ -181,6 +181,8 @@ struct State {
 struct Rooms {
     apps: HashMap<String, usize>,
     endpoints: HashMap<(String, String), usize>,
+    /// New events an app may still give (only apps the worker named).
+    intake: HashMap<String, usize>,
 }
 
 impl Rooms {
@@ -188,6 +190,7 @@ impl Rooms {
         Rooms {
             apps: request.app_room.iter().cloned().collect(),
             endpoints: request.endpoint_room.iter().cloned().collect(),
+            intake: request.intake_room.iter().cloned().collect(),
         }
     }
 
@@ -498,7 +501,12 @@ impl State {
             cursor = Some((score, part.clone()));
             let n = match &part {
                 None => {
-                    let n = self.lease_out(options, app, &part, left, None, now, out);
+                    let room = rooms.intake.get(app).copied();
+                    let want = room.map_or(left, |r| r.min(left));
+                    let n = self.lease_out(options, app, &part, want, None, now, out);
+                    if let Some(r) = rooms.intake.get_mut(app) {
+                        *r -= n;
+                    }
                     new_events += n;
                     n
                 }
@@ -1196,6 +1204,22 @@ mod tests {
         let taken = take(&mut s, 8, T0);
         let apps: String = taken.jobs.iter().map(|l| l.app.as_str()).collect();
         assert_eq!(apps, "aaaaaabb");
+    }
+
+    #[test]
+    fn new_events_wait_while_the_apps_endpoints_are_full() {
+        let mut s = State::default();
+        s.enqueue("a", &jobs("a", None, 10));
+        s.enqueue("b", &jobs("b", None, 10));
+        let request = TakeRequest {
+            max: 20,
+            intake_room: vec![("a".into(), 2)],
+            ..TakeRequest::default()
+        };
+        let t = s.take(&options(), &request, T0);
+        let a = t.jobs.iter().filter(|l| l.app == "a").count();
+        let b = t.jobs.iter().filter(|l| l.app == "b").count();
+        assert_eq!((a, b), (2, 10), "a gives only its room; b is not held back");
     }
 
     #[test]

@@ -136,6 +136,10 @@ pub struct TakeRequest {
     pub app_room: Vec<(String, usize)>,
     /// ((app, endpoint), room).
     pub endpoint_room: Vec<((String, String), usize)>,
+    /// New events to take at most, for apps with jobs in flight: the room
+    /// left at their endpoints. Taking more would only park them; while an
+    /// app's endpoints are full, its new events wait where they are.
+    pub intake_room: Vec<(String, usize)>,
 }
 
 #[derive(Debug, Clone, Default)]

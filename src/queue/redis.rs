@@ -169,6 +169,10 @@ impl RedisQueue {
         for ((app, ep), room) in &r.endpoint_room {
             inv.arg(format!("{app}|{ep}")).arg(room);
         }
+        inv.arg(r.intake_room.len());
+        for (app, room) in &r.intake_room {
+            inv.arg(app).arg(room);
+        }
         let reply: Vec<Value> = inv.invoke_async(&mut self.conn.clone()).await?;
         let (mut taken, leases) = parse_taken(reply)?;
         if leases.is_empty() {

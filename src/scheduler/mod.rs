@@ -21,6 +21,8 @@ pub struct Caps {
     pub endpoints: HashMap<(String, String), usize>,
     /// Endpoints with a rate limit: their jobs always go through the queue.
     pub limited: HashSet<(String, String)>,
+    /// Each app's endpoints.
+    pub app_endpoints: HashMap<String, Vec<String>>,
 }
 
 impl Caps {
@@ -31,6 +33,10 @@ impl Caps {
             ..Caps::default()
         };
         for app in apps.iter() {
+            caps.app_endpoints.insert(
+                app.id.clone(),
+                app.endpoints.iter().map(|e| e.id.clone()).collect(),
+            );
             if app.max_in_flight != app_default {
                 caps.apps.insert(app.id.clone(), app.max_in_flight);
             }
@@ -63,6 +69,8 @@ impl Caps {
 struct Counts {
     total: usize,
     apps: HashMap<String, usize>,
+    /// New events taken and not yet routed to an endpoint, per app.
+    routing: HashMap<String, usize>,
     endpoints: HashMap<(String, String), usize>,
     caps: Caps,
 }
@@ -101,8 +109,27 @@ impl Scheduler {
     /// apps and endpoints that have jobs in flight here.
     pub fn request(&self) -> TakeRequest {
         let c = self.lock();
+        let endpoint_room = |app: &String, e: &String| {
+            let key = (app.clone(), e.clone());
+            let n = c.endpoints.get(&key).copied().unwrap_or(0);
+            c.caps.endpoint(&key).saturating_sub(n)
+        };
         TakeRequest {
             max: self.slots.saturating_sub(c.total),
+            intake_room: c
+                .apps
+                .keys()
+                .map(|app| {
+                    let room: usize = c
+                        .caps
+                        .app_endpoints
+                        .get(app)
+                        .map_or(0, |eps| eps.iter().map(|e| endpoint_room(app, e)).sum());
+                    // New events being routed will take some of it.
+                    let routing = c.routing.get(app).copied().unwrap_or(0);
+                    (app.clone(), room.saturating_sub(routing))
+                })
+                .collect(),
             app_room: c
                 .apps
                 .iter()
@@ -127,10 +154,15 @@ impl Scheduler {
             *c.endpoints.entry(key.clone()).or_default() += 1;
             key
         });
+        let routing = endpoint.is_none();
+        if routing {
+            *c.routing.entry(app.to_string()).or_default() += 1;
+        }
         Slot {
             scheduler: self.clone(),
             app: app.to_string(),
             endpoint,
+            routing,
         }
     }
 
@@ -139,10 +171,13 @@ impl Scheduler {
         self.released.notified().await
     }
 
-    fn release(&self, app: &str, endpoint: Option<&(String, String)>) {
+    fn release(&self, app: &str, endpoint: Option<&(String, String)>, routing: bool) {
         let mut c = self.lock();
         c.total = c.total.saturating_sub(1);
         decrement(&mut c.apps, app);
+        if routing {
+            decrement(&mut c.routing, app);
+        }
         if let Some(key) = endpoint {
             decrement(&mut c.endpoints, key);
         }
@@ -168,6 +203,8 @@ pub struct Slot {
     scheduler: Arc<Scheduler>,
     app: String,
     endpoint: Option<(String, String)>,
+    /// A new event not yet routed (counted in `Counts::routing`).
+    routing: bool,
 }
 
 impl Slot {
@@ -177,11 +214,16 @@ impl Slot {
     /// limit (those always go through the queue). On yes the endpoint is
     /// counted until the slot is dropped.
     pub fn try_endpoint(&mut self, endpoint: &str, busy: bool) -> bool {
+        let mut c = self.scheduler.lock();
+        if self.routing {
+            // Routed, whatever comes of it.
+            self.routing = false;
+            decrement(&mut c.routing, &self.app);
+        }
         if busy || self.endpoint.is_some() {
             return false;
         }
         let key = (self.app.clone(), endpoint.to_string());
-        let mut c = self.scheduler.lock();
         if c.caps.limited.contains(&key) {
             return false;
         }
@@ -198,7 +240,8 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.scheduler.release(&self.app, self.endpoint.as_ref());
+        self.scheduler
+            .release(&self.app, self.endpoint.as_ref(), self.routing);
     }
 }
 
@@ -233,6 +276,31 @@ mod tests {
         let r = s.request();
         assert_eq!((r.max, r.app_room.len(), r.endpoint_room.len()), (10, 0, 0));
         assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn new_events_are_asked_for_only_as_far_as_their_endpoints_have_room() {
+        let mut caps = caps();
+        caps.app_endpoints
+            .insert("a".into(), vec!["one".into(), "two".into()]);
+        let s = Scheduler::new(10, caps);
+        let intake = |s: &Scheduler| s.request().intake_room;
+        let mut routing = s.admit("a", None);
+        // one (cap 1) + two (cap 2), less the event being routed.
+        assert_eq!(intake(&s), vec![("a".to_string(), 2)]);
+        assert!(routing.try_endpoint("one", false));
+        assert_eq!(
+            intake(&s),
+            vec![("a".to_string(), 2)],
+            "routed: it holds `one` now"
+        );
+        let other = s.admit("a", Some("two"));
+        assert_eq!(intake(&s), vec![("a".to_string(), 1)]);
+        drop((routing, other));
+        assert!(
+            intake(&s).is_empty(),
+            "nothing in flight: the queue's caps apply"
+        );
     }
 
     #[test]

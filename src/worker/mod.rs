@@ -27,6 +27,10 @@ use crate::scheduler::{Caps, Scheduler};
 
 /// Most outcomes committed in one call.
 const BATCH: usize = 256;
+/// Longest the take loop waits for more freed slots before it takes.
+const TAKE_LINGER: Duration = Duration::from_millis(1);
+/// Longest a small batch of outcomes waits for more before it is committed.
+const COMMIT_LINGER: Duration = Duration::from_millis(2);
 /// How long a stopping worker keeps trying to record outcomes Redis refuses.
 const GIVE_UP_WHEN_STOPPING: Duration = Duration::from_secs(10);
 /// How long an inbox read blocks before it looks at shutdown again.
@@ -153,7 +157,10 @@ async fn take_loop(
         if request.max == 0 {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = ctx.scheduler.released() => continue,
+                _ = ctx.scheduler.released() => {
+                    gather(&ctx.scheduler, settings.queues.concurrency).await;
+                    continue;
+                }
             }
         }
         let taken = match ctx.queue.take(&request).await {
@@ -193,10 +200,25 @@ async fn take_loop(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = wake.notified() => {}
-            _ = ctx.scheduler.released(), if ctx.scheduler.in_flight() > 0 => {}
+            _ = ctx.scheduler.released(), if ctx.scheduler.in_flight() > 0 => {
+                gather(&ctx.scheduler, settings.queues.concurrency).await;
+            }
             _ = tokio::time::sleep(nap) => {}
         }
     }
+}
+
+/// After a slot was given back, waits a moment for a few more before taking:
+/// a take costs Redis a fixed overhead, and one per freed slot would make
+/// tiny takes when an endpoint's cap is the limit.
+async fn gather(scheduler: &Scheduler, slots: usize) {
+    let enough = (slots / 8).clamp(1, 16);
+    let _ = tokio::time::timeout(TAKE_LINGER, async {
+        while scheduler.request().max < enough && scheduler.in_flight() > 0 {
+            scheduler.released().await;
+        }
+    })
+    .await;
 }
 
 async fn doorbell_loop(ctx: Arc<Context>, wake: Arc<Notify>, shutdown: CancellationToken) {
@@ -325,6 +347,20 @@ async fn commit_loop(
     let mut batch = Vec::with_capacity(BATCH);
     let mut backoff = Duration::from_millis(50);
     while done.recv_many(&mut batch, BATCH).await > 0 {
+        // A small batch waits a moment for more: one commit per batch costs
+        // Redis a fixed overhead, and slots are already free (only the
+        // outcome's recording waits).
+        if batch.len() < BATCH / 2 {
+            let _ = tokio::time::timeout(COMMIT_LINGER, async {
+                while batch.len() < BATCH / 2 {
+                    let room = BATCH - batch.len();
+                    if done.recv_many(&mut batch, room).await == 0 {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
         let mut stopping_since: Option<tokio::time::Instant> = None;
         loop {
             match ctx.queue.commit(&batch).await {

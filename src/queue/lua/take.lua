@@ -1,6 +1,8 @@
 -- Takes up to ARGV[3] jobs fairly, after moving what fell due.
 -- ARGV: 3 max, 4 lease ms, 5 n app rooms, then app, room pairs, then
--- n endpoint rooms, then 'app|ep', room pairs.
+-- n endpoint rooms, then 'app|ep', room pairs, then n intake rooms, then app,
+-- room pairs (new events to take at most: the room left at the app's
+-- endpoints on this worker).
 -- Returns {more, next due in ms or -1, n groups, (app, part, disabled, k,
 --          lease x k) x n, n apps, (app, k, endpoint x k) x n}; the worker
 -- reads the jobs (P..'jobs', by the job id in the lease) itself.
@@ -47,6 +49,12 @@ end
 i = i + 1
 for _ = 1, tonumber(ARGV[i]) do
   ep_room[ARGV[i + 1]] = tonumber(ARGV[i + 2])
+  i = i + 2
+end
+local intake_room = {}
+i = i + 1
+for _ = 1, tonumber(ARGV[i]) do
+  intake_room[ARGV[i + 1]] = tonumber(ARGV[i + 2])
   i = i + 2
 end
 
@@ -158,8 +166,12 @@ local function turn(app, budget)
     if budget <= 0 then break end
     local n
     if part == '' then
-      n = take_from(app, '', budget)
-      if n > 0 then intake = true end
+      local room = intake_room[app]
+      n = take_from(app, '', room and math.min(room, budget) or budget)
+      if n > 0 then
+        intake = true
+        if room then intake_room[app] = room - n end
+      end
     else
       n = take_endpoint(app, part, budget)
       if n > 0 then
