@@ -11,7 +11,7 @@
 //!   sends 200 events at 50/s to a fast endpoint. Reports the quiet app's
 //!   latency, the most noisy requests in progress at once, and how many noisy
 //!   events were delivered by the time the quiet app's last one arrived.
-//! - `backlog`: app `bulk` has 50,000 events queued for a fast endpoint; once
+//! - `backlog`: app `bulk` has 200,000 events queued for a fast endpoint; once
 //!   1,000 have arrived, `quiet` sends 200 events at 50/s. Reports the quiet
 //!   app's latency (also over just the events that arrived before the
 //!   backlog was gone, if it was) and how far the bulk backlog had got.
@@ -118,7 +118,7 @@ struct Args {
     #[arg(long, default_value_t = 640)]
     noisy_events: u64,
     /// backlog: bulk events queued before the worker starts.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 200_000)]
     bulk_events: u64,
     /// slow, backlog: events the quiet app sends.
     #[arg(long, default_value_t = 200)]

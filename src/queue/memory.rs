@@ -501,8 +501,11 @@ impl State {
             cursor = Some((score, part.clone()));
             let n = match &part {
                 None => {
-                    let room = rooms.intake.get(app).copied();
-                    let want = room.map_or(left, |r| r.min(left));
+                    // An app the worker has nothing of in flight: one
+                    // endpoint's cap.
+                    let endpoint_cap = self.limits.endpoint_cap;
+                    let room = rooms.intake.entry(app.to_string()).or_insert(endpoint_cap);
+                    let want = (*room).min(left);
                     let n = self.lease_out(options, app, &part, want, None, now, out);
                     if let Some(r) = rooms.intake.get_mut(app) {
                         *r -= n;

@@ -137,8 +137,9 @@ pub struct TakeRequest {
     /// ((app, endpoint), room).
     pub endpoint_room: Vec<((String, String), usize)>,
     /// New events to take at most, for apps with jobs in flight: the room
-    /// left at their endpoints. Taking more would only park them; while an
-    /// app's endpoints are full, its new events wait where they are.
+    /// left at their endpoints (other apps: one endpoint's cap). Taking more
+    /// would only park them; while an app's endpoints are full, its new
+    /// events wait where they are.
     pub intake_room: Vec<(String, usize)>,
 }
 

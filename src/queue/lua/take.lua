@@ -2,7 +2,7 @@
 -- ARGV: 3 max, 4 lease ms, 5 n app rooms, then app, room pairs, then
 -- n endpoint rooms, then 'app|ep', room pairs, then n intake rooms, then app,
 -- room pairs (new events to take at most: the room left at the app's
--- endpoints on this worker).
+-- endpoints on this worker; for other apps, one endpoint's cap).
 -- Returns {more, next due in ms or -1, n groups, (app, part, disabled, k,
 --          lease x k) x n, n apps, (app, k, endpoint x k) x n}; the worker
 -- reads the jobs (P..'jobs', by the job id in the lease) itself.
@@ -166,11 +166,12 @@ local function turn(app, budget)
     if budget <= 0 then break end
     local n
     if part == '' then
-      local room = intake_room[app]
-      n = take_from(app, '', room and math.min(room, budget) or budget)
+      -- An app this worker has nothing of in flight: one endpoint's cap.
+      local room = intake_room[app] or d_epcap
+      n = take_from(app, '', math.min(room, budget))
       if n > 0 then
         intake = true
-        if room then intake_room[app] = room - n end
+        intake_room[app] = room - n
       end
     else
       n = take_endpoint(app, part, budget)
