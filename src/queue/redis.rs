@@ -233,10 +233,6 @@ impl RedisQueue {
         for c in completions {
             inv.arg(&c.lease);
         }
-        for c in completions {
-            // 'seq|job id|app|part'
-            inv.arg(c.lease.split('|').nth(1).unwrap_or(""));
-        }
         // Successes are counted per endpoint, not per job: a run of them is
         // sent as one signal, before the endpoint's next other signal or at
         // the end.
@@ -379,14 +375,14 @@ impl RedisQueue {
         let k = |n: &str| self.keys.key(n);
         let (ready, in_flight, delayed, held, active_apps, dead): (
             Option<i64>,
-            u64,
+            Option<i64>,
             u64,
             u64,
             u64,
             u64,
         ) = redis::pipe()
             .get(k("count"))
-            .zcard(k("leases"))
+            .get(k("inflight"))
             .zcard(k("delayed"))
             .zcard(k("held"))
             .zcard(k("ready"))
@@ -396,7 +392,7 @@ impl RedisQueue {
             .await?;
         Ok(Depth {
             ready: ready.unwrap_or(0).max(0) as u64,
-            in_flight,
+            in_flight: in_flight.unwrap_or(0).max(0) as u64,
             delayed,
             held,
             active_apps,
@@ -617,8 +613,8 @@ fn encode_letter(letter: &DeadLetter) -> String {
     serde_json::to_string(letter).expect("a dead letter always serializes")
 }
 
-/// A lease as the take script returns it: (lease id, (app, partition), job
-/// id, disabled reason).
+/// A job as the take script hands it out: (lease, (app, partition), job id,
+/// disabled reason). The worker's lease is `<lease>#<job id>`.
 type RawLease = (String, (String, String), String, Option<String>);
 
 fn parse_taken(reply: Vec<Value>) -> Result<(Taken, Vec<RawLease>), QueueError> {
@@ -637,15 +633,19 @@ fn parse_taken(reply: Vec<Value>) -> Result<(Taken, Vec<RawLease>), QueueError> 
     let groups = num(&mut it)?;
     let mut leases = Vec::new();
     for _ in 0..groups {
+        let lease = text(&mut it)?;
         let app = text(&mut it)?;
         let part = text(&mut it)?;
         let disabled = text(&mut it)?;
         let disabled = (!disabled.is_empty()).then_some(disabled);
         for _ in 0..num(&mut it)? {
-            let lease = text(&mut it)?;
-            // 'seq|job id|app|part'
-            let job_id = lease.split('|').nth(1).ok_or_else(bad)?.to_string();
-            leases.push((lease, (app.clone(), part.clone()), job_id, disabled.clone()));
+            let job_id = text(&mut it)?;
+            leases.push((
+                format!("{lease}#{job_id}"),
+                (app.clone(), part.clone()),
+                job_id,
+                disabled.clone(),
+            ));
         }
     }
     let mut busy = BTreeMap::new();

@@ -2,7 +2,7 @@
 -- handed out again) records nothing but what the attempt said about the
 -- endpoint. ARGV: 3 breaker 'rate min_requests window consecutive cool
 -- max_cool disable_after' (ms), 4 disable reason, 5 max hold (ms),
--- 6 n completions, then the n lease ids, then their n job ids, then per
+-- 6 n completions, then their n leases ('lease#job id'), then per
 -- completion: its counters (names joined by ','), n effects, effects:
 --   'E' app part job | 'S' delay app part job | 'D' letter |
 --   'H' app endpoint signal arg   (signal: ok (arg: how many), fail,
@@ -74,38 +74,53 @@ local function health(app, ep, signal, arg, n)
 end
 
 local n = tonumber(ARGV[6])
-local L, J = 7, 7 + n
+local L = 7
 
--- Which leases are still held: a lapsed one records only health (its job
--- was handed out again).
-local live, all_live = {}, true
-for c = 0, n - 1, 500 do
-  local scores = redis.call('ZMSCORE', LEASES, unpack(ARGV, L + c, L + math.min(c + 499, n - 1)))
-  for j, score in ipairs(scores) do
-    live[c + j] = score ~= false
-    if score == false then all_live = false end
+-- Which jobs are still leased, lease by lease: one whose lease lapsed was
+-- handed out again, and records only health.
+local live, leases, order = {}, {}, {}
+for c = 1, n do
+  local s = ARGV[L + c - 1]
+  local h = string.find(s, '#', 1, true)
+  local lease = string.sub(s, 1, h - 1)
+  local g = leases[lease]
+  if not g then
+    g = { jobs = {}, at = {} }
+    leases[lease] = g
+    order[#order + 1] = lease
   end
+  g.jobs[#g.jobs + 1] = string.sub(s, h + 1)
+  g.at[#g.at + 1] = c
 end
-for c = 0, n - 1, 500 do
-  redis.call('ZREM', LEASES, unpack(ARGV, L + c, L + math.min(c + 499, n - 1)))
+local done = {}
+for _, lease in ipairs(order) do
+  local g = leases[lease]
+  local set = lease_parts(lease)
+  local mine = {}
+  for c = 1, #g.jobs, 500 do
+    local flags = redis.call('SMISMEMBER', set, unpack(g.jobs, c, math.min(c + 499, #g.jobs)))
+    for j, f in ipairs(flags) do
+      if f == 1 then
+        live[g.at[c + j - 1]] = true
+        mine[#mine + 1] = g.jobs[c + j - 1]
+      end
+    end
+  end
+  if #mine > 0 then
+    call_chunked('SREM', set, mine, 500)
+    redis.call('DECRBY', INFLIGHT, #mine)
+    if redis.call('EXISTS', set) == 0 then redis.call('ZREM', LEASES, lease) end
+    for _, job in ipairs(mine) do done[#done + 1] = job end
+  end
 end
 -- The jobs of held leases are done (a retry or a move stores its job anew).
-if all_live then
-  for c = 0, n - 1, 500 do
-    redis.call('HDEL', JOBS, unpack(ARGV, J + c, J + math.min(c + 499, n - 1)))
-  end
-else
-  local done = {}
-  for c = 1, n do
-    if live[c] then done[#done + 1] = ARGV[J + c - 1] end
-  end
-  call_chunked('HDEL', JOBS, done, 500)
-end
+call_chunked('HDEL', JOBS, done, 500)
 
 local counts = {}
-local i = 7 + 2 * n
+local i = 7 + n
 for c = 1, n do
-  local lease, stats, k = ARGV[L + c - 1], ARGV[i], tonumber(ARGV[i + 1])
+  local full, stats, k = ARGV[L + c - 1], ARGV[i], tonumber(ARGV[i + 1])
+  local lease = string.sub(full, 1, string.find(full, '#', 1, true) - 1)
   i = i + 2
   local ok = live[c]
   if ok and stats ~= '' then
@@ -142,7 +157,7 @@ for c = 1, n do
   -- (a plugin dropped it, say): let the next probe go. Leases of new events
   -- end in '|' (no endpoint).
   if string.byte(lease, -1) ~= 124 then
-    local _, app, part = lease_entry(lease)
+    local _, app, part = lease_parts(lease)
     local key = ep_key(app, part)
     if redis.call('HGET', key, 'probe') == lease then
       redis.call('HDEL', key, 'probe')

@@ -13,7 +13,10 @@
 --                                hold (unix ms), tat (rate limiter)
 --   P..'held'          ZSET 'app|ep' -> unix ms the hold ends
 --   P..'delayed'       ZSET 'job id|app|part' -> unix ms due
---   P..'leases'        ZSET lease id ('seq|job id|app|part') -> unix ms it expires
+--   P..'leases'        ZSET lease ('seq|app|part': the jobs one take gave from one
+--                      partition) -> unix ms it expires
+--   P..'lease:'..seq   SET the job ids of a lease still out
+--   P..'inflight'      jobs in leases
 --   P..'count'         jobs waiting in partitions
 --   P..'conf'          HASH '_' -> 'quantum weight appcap epcap', 'a:'..app -> 'weight cap',
 --                      'e:'..app..'|'..ep -> 'cap interval tolerance'
@@ -29,6 +32,7 @@ end
 local NOW = now_ms()
 local READY, HELD, DELAYED = P .. 'ready', P .. 'held', P .. 'delayed'
 local LEASES, JOBS, COUNT = P .. 'leases', P .. 'jobs', P .. 'count'
+local INFLIGHT = P .. 'inflight'
 local CONF, STATS, DLQ = P .. 'conf', P .. 'stats', P .. 'dlq'
 
 local function vnext() return redis.call('INCR', P .. 'vclock') end
@@ -58,10 +62,10 @@ local function split_entry(v)
   return string.sub(v, 1, i - 1), app, part
 end
 
--- 'seq|job id|app|part' -> job id, app, part
-local function lease_entry(id)
-  local i = string.find(id, '|', 1, true)
-  return split_entry(string.sub(id, i + 1))
+-- A lease 'seq|app|part' -> the key of its set of job ids, app, part
+local function lease_parts(lease)
+  local seq, app, part = split_entry(lease)
+  return P .. 'lease:' .. seq, app, part
 end
 
 -- Stores job bodies under new ids; returns the ids, in order.

@@ -3,9 +3,9 @@
 -- n endpoint rooms, then 'app|ep', room pairs, then n intake rooms, then app,
 -- room pairs (new events to take at most: the room left at the app's
 -- endpoints on this worker; for other apps, one endpoint's cap).
--- Returns {more, next due in ms or -1, n groups, (app, part, disabled, k,
---          lease x k) x n, n apps, (app, k, endpoint x k) x n}; the worker
--- reads the jobs (P..'jobs', by the job id in the lease) itself.
+-- Returns {more, next due in ms or -1, n groups, (lease, app, part,
+--          disabled, k, job id x k) x n, n apps, (app, k, endpoint x k) x n};
+-- the worker reads the jobs (P..'jobs') itself.
 local max, lease_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
 
 -- 1. What fell due: leases whose worker died (back to the front), retries,
@@ -13,13 +13,20 @@ local max, lease_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
 -- Newest first: each goes to the front, so the oldest ends up first.
 local expired = redis.call('ZRANGEBYSCORE', LEASES, '-inf', NOW, 'LIMIT', 0, 100)
 for e = #expired, 1, -1 do
-  local id = expired[e]
-  redis.call('ZREM', LEASES, id)
-  local job, app, part = lease_entry(id)
-  if part ~= '' and redis.call('HGET', ep_key(app, part), 'probe') == id then
+  local lease = expired[e]
+  redis.call('ZREM', LEASES, lease)
+  local set, app, part = lease_parts(lease)
+  local jobs = redis.call('SMEMBERS', set)
+  redis.call('DEL', set)
+  -- Job ids grow with time: in order, they are first in, first out.
+  table.sort(jobs, function(a, b) return tonumber(a) < tonumber(b) end)
+  if part ~= '' and redis.call('HGET', ep_key(app, part), 'probe') == lease then
     redis.call('HDEL', ep_key(app, part), 'probe')
   end
-  push(app, part, job, true)
+  if #jobs > 0 then
+    redis.call('DECRBY', INFLIGHT, #jobs)
+    push_many(app, part, jobs, true)
+  end
 end
 for _, m in ipairs(redis.call('ZRANGEBYSCORE', DELAYED, '-inf', NOW, 'LIMIT', 0, 200)) do
   redis.call('ZREM', DELAYED, m)
@@ -90,32 +97,29 @@ local function ep_conf(app, ep)
 end
 
 -- 3. Taking.
--- Taken jobs, grouped: app, partition, disabled reason ('' if not), n,
--- then n lease ids ('seq|job id|app|part').
+-- Taken jobs, grouped: lease, app, partition, disabled reason ('' if not),
+-- n, then the n job ids. One lease ('seq|app|part') covers the jobs one
+-- take gives from one partition.
 local out, groups = {}, 0
 local function take_from(app, part, n, disabled)
   if n <= 0 then return 0 end
   local jobs = redis.call('LPOP', list_key(app, part), n)
   if not jobs then return 0 end
   local m = #jobs
-  local last = redis.call('INCRBY', P .. 'seq', m)
-  local expiry, tail = NOW + lease_ms, '|' .. app .. '|' .. part
-  local scores = {}
+  local seq = redis.call('INCR', P .. 'seq')
+  local lease = seq .. '|' .. app .. '|' .. part
+  redis.call('ZADD', LEASES, NOW + lease_ms, lease)
+  call_chunked('SADD', P .. 'lease:' .. seq, jobs, 1000)
+  out[#out + 1] = lease
   out[#out + 1] = app
   out[#out + 1] = part
   out[#out + 1] = disabled or ''
   out[#out + 1] = m
+  for j = 1, m do out[#out + 1] = jobs[j] end
   groups = groups + 1
-  local id
-  for j = 1, m do
-    id = (last - m + j) .. '|' .. jobs[j] .. tail
-    scores[#scores + 1] = expiry
-    scores[#scores + 1] = id
-    out[#out + 1] = id
-  end
-  call_chunked('ZADD', LEASES, scores, 1000)
   redis.call('DECRBY', COUNT, m)
-  return m, id
+  redis.call('INCRBY', INFLIGHT, m)
+  return m, lease
 end
 
 -- One endpoint partition's share of a turn.
