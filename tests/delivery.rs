@@ -647,4 +647,17 @@ async fn a_job_taken_but_never_committed_is_handed_out_again_after_the_lease() {
     q.commit(&[late]).await.unwrap();
     assert_eq!(q.stats().await.unwrap().get("delivered"), None);
     assert_eq!(q.depth().await.unwrap().in_flight, 1);
+    // Leases that were never ours record nothing either, and do not fail.
+    let bogus: Vec<wasmhook::queue::Completion> = ["nonsense", "1|app-1|#x", "#", ""]
+        .into_iter()
+        .map(|lease| wasmhook::queue::Completion {
+            lease: lease.into(),
+            effects: vec![wasmhook::queue::Effect::Count(
+                wasmhook::queue::Stat::Delivered,
+            )],
+        })
+        .collect();
+    q.commit(&bogus).await.unwrap();
+    assert_eq!(q.stats().await.unwrap().get("delivered"), None);
+    assert_eq!(q.depth().await.unwrap().in_flight, 1);
 }

@@ -54,6 +54,31 @@ fn one_app(redis: &RedisServer, name: &str, endpoint: &str, extra: &str) -> OneA
     }
 }
 
+impl OneApp {
+    /// Queues `n` events for the app; their webhook ids.
+    async fn queue_events(&self, n: usize) -> HashSet<String> {
+        send_all(&self.producer, "app-1", events(n, "c"))
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    fn two_workers(&self) -> Vec<tokio::process::Child> {
+        vec![
+            spawn_serve(&self.path, "worker"),
+            spawn_serve(&self.path, "worker"),
+        ]
+    }
+}
+
+/// Waits until `path` has answered 200 to each of `ids`.
+async fn all_delivered(rx: &Receiver, path: &str, ids: &HashSet<String>) {
+    eventually("every event delivered", WAIT, async || {
+        (webhook_ids(rx, path) == *ids).then_some(())
+    })
+    .await;
+}
+
 /// SIGTERM to each worker; each exits 0.
 async fn stop_all(workers: Vec<tokio::process::Child>) {
     for mut w in workers {
@@ -234,14 +259,8 @@ async fn an_open_breaker_stops_every_worker_until_a_probe_succeeds() {
         + "retry = { schedule = [\"0ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\"] }\n";
     let breaker = "\n[delivery.breaker]\nfailure_rate = 0.5\nmin_requests = 6\nwindow = \"30s\"\ncool_down = \"3s\"\n";
     let one = one_app(&redis, "breaker", &endpoint, breaker);
-    let workers = vec![
-        spawn_serve(&one.path, "worker"),
-        spawn_serve(&one.path, "worker"),
-    ];
-    let ids: HashSet<String> = send_all(&one.producer, "app-1", events(8, "c"))
-        .await
-        .into_iter()
-        .collect();
+    let workers = one.two_workers();
+    let ids = one.queue_events(8).await;
 
     let q = queue(&one.text);
     let settings = settings(&one.text);
@@ -273,10 +292,7 @@ async fn an_open_breaker_stops_every_worker_until_a_probe_succeeds() {
     // The receiver recovers: the probe after the cool-down closes the breaker
     // and every event arrives.
     rx.script("down", &[], 200);
-    eventually("every event delivered", WAIT, async || {
-        (webhook_ids(&rx, "down") == ids).then_some(())
-    })
-    .await;
+    all_delivered(&rx, "down", &ids).await;
     assert_eq!(q.endpoints(&which).await.unwrap()[0].state, State::Closed);
     let attempts = rx.arrived("down");
     assert!(
@@ -294,18 +310,9 @@ async fn a_rate_limit_holds_across_two_workers_and_loses_nothing() {
     let rx = Receiver::start().await;
     let endpoint = standard_endpoint(&rx.url("limited")) + "rate_limit = \"20/s\"\n";
     let one = one_app(&redis, "rate", &endpoint, "");
-    let ids: HashSet<String> = send_all(&one.producer, "app-1", events(100, "c"))
-        .await
-        .into_iter()
-        .collect();
-    let workers = vec![
-        spawn_serve(&one.path, "worker"),
-        spawn_serve(&one.path, "worker"),
-    ];
-    eventually("every event delivered", WAIT, async || {
-        (webhook_ids(&rx, "limited") == ids).then_some(())
-    })
-    .await;
+    let ids = one.queue_events(100).await;
+    let workers = one.two_workers();
+    all_delivered(&rx, "limited", &ids).await;
     let mut at: Vec<_> = rx.received("limited").iter().map(|r| r.at).collect();
     at.sort();
     // 20/s with a burst of 2: in any two seconds at most 2 + 40 requests
@@ -342,18 +349,9 @@ async fn retry_after_slows_an_endpoint_down_for_every_worker() {
     rx.retry_after("busy", "2");
     let endpoint = standard_endpoint(&rx.url("busy")) + "max_in_flight = 1\n";
     let one = one_app(&redis, "slowdown", &endpoint, "");
-    let ids: HashSet<String> = send_all(&one.producer, "app-1", events(10, "c"))
-        .await
-        .into_iter()
-        .collect();
-    let workers = vec![
-        spawn_serve(&one.path, "worker"),
-        spawn_serve(&one.path, "worker"),
-    ];
-    eventually("every event delivered", WAIT, async || {
-        (webhook_ids(&rx, "busy") == ids).then_some(())
-    })
-    .await;
+    let ids = one.queue_events(10).await;
+    let workers = one.two_workers();
+    all_delivered(&rx, "busy", &ids).await;
     let got = rx.received("busy");
     let first = got.iter().find(|r| r.status == 429).unwrap();
     // Requests answered before the 429 was recorded may land right after it;

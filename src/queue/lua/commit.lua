@@ -80,17 +80,18 @@ local L = 7
 -- handed out again, and records only health.
 local live, leases, order = {}, {}, {}
 for c = 1, n do
-  local s = ARGV[L + c - 1]
-  local h = string.find(s, '#', 1, true)
-  local lease = string.sub(s, 1, h - 1)
-  local g = leases[lease]
-  if not g then
-    g = { jobs = {}, at = {} }
-    leases[lease] = g
-    order[#order + 1] = lease
+  local lease, job = string.match(ARGV[L + c - 1], '^(%d+|[^|#]*|[^|#]*)#(%d+)$')
+  -- Anything else is no lease of ours: it records nothing but health.
+  if lease then
+    local g = leases[lease]
+    if not g then
+      g = { jobs = {}, at = {} }
+      leases[lease] = g
+      order[#order + 1] = lease
+    end
+    g.jobs[#g.jobs + 1] = job
+    g.at[#g.at + 1] = c
   end
-  g.jobs[#g.jobs + 1] = string.sub(s, h + 1)
-  g.at[#g.at + 1] = c
 end
 local done = {}
 for _, lease in ipairs(order) do
@@ -119,8 +120,7 @@ call_chunked('HDEL', JOBS, done, 500)
 local counts = {}
 local i = 7 + n
 for c = 1, n do
-  local full, stats, k = ARGV[L + c - 1], ARGV[i], tonumber(ARGV[i + 1])
-  local lease = string.sub(full, 1, string.find(full, '#', 1, true) - 1)
+  local lease, stats, k = string.match(ARGV[L + c - 1], '^(.*)#'), ARGV[i], tonumber(ARGV[i + 1])
   i = i + 2
   local ok = live[c]
   if ok and stats ~= '' then
@@ -156,7 +156,7 @@ for c = 1, n do
   -- A half-open probe came back without closing or reopening the breaker
   -- (a plugin dropped it, say): let the next probe go. Leases of new events
   -- end in '|' (no endpoint).
-  if string.byte(lease, -1) ~= 124 then
+  if live[c] and string.byte(lease, -1) ~= 124 then
     local _, app, part = lease_parts(lease)
     local key = ep_key(app, part)
     if redis.call('HGET', key, 'probe') == lease then
