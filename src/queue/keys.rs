@@ -26,10 +26,11 @@ impl Keys {
 
     /// What every queue key starts with; the Lua scripts append the rest:
     /// `ready` (apps with work, round-robin), `parts:<app>` (its eligible
-    /// partitions), `list:<app>|<endpoint>` (a partition's jobs; empty
-    /// endpoint = new events), `busy:<app>`, `ep:<app>|<endpoint>` (breaker,
-    /// hold, rate), `held`, `delayed`, `leases`, `leased`, `seq`, `vclock`,
-    /// `count`, `conf`, `stats`, `dlq`.
+    /// partitions), `list:<app>|<endpoint>` (a partition's job ids; empty
+    /// endpoint = new events), `jobs` (the job bodies), `busy:<app>`,
+    /// `ep:<app>|<endpoint>` (breaker, hold, rate), `held`, `delayed`,
+    /// `leases` and `lease:<seq>`, `inflight`, `seq`, `vclock`, `count`,
+    /// `conf`, `stats`, `dlq` (ARCHITECTURE.md has the table).
     pub fn base(&self) -> String {
         format!("{}:{TAG}:", self.prefix)
     }

@@ -117,7 +117,8 @@ pub struct Completion {
 /// A job a worker has taken.
 #[derive(Debug, Clone)]
 pub struct Leased {
-    /// The lease, for the commit.
+    /// The lease on this job, for the commit (opaque: Redis makes it
+    /// `<lease of the take's group>#<job id>`).
     pub lease: String,
     pub app: String,
     /// The partition it came from: None = the app's new events.
