@@ -477,6 +477,14 @@ async fn a_malformed_inbox_entry_is_dead_lettered_and_the_next_job_still_flows()
         .arg(r#"{"app_id":"nope","event":{"name":"client_event"}}"#)
         .query(&mut conn)
         .unwrap();
+    // A time no signature can show (it once made the signer panic).
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("job")
+        .arg(r#"{"app_id":"app-1","created_ms":999999999999999999,"event":{"name":"client_event"}}"#)
+        .query(&mut conn)
+        .unwrap();
     // A producer writing the documented minimal format.
     let _: String = redis::cmd("XADD")
         .arg(&stream)
@@ -490,7 +498,7 @@ async fn a_malformed_inbox_entry_is_dead_lettered_and_the_next_job_still_flows()
     verify_pusher(&got[0], "app-1-key", APP_SECRET);
     assert_eq!(got[0].json()["events"][0]["channel"], "private-a");
     let q = queue(&text);
-    let letters = dead_letters(&q, 3).await;
+    let letters = dead_letters(&q, 4).await;
     // Jobs run concurrently: the letters may be in any order.
     let find = |prefix: &str| {
         letters
@@ -509,6 +517,10 @@ async fn a_malformed_inbox_entry_is_dead_lettered_and_the_next_job_still_flows()
             .is_none()
     );
     assert_eq!(find("unknown app").reason, "unknown app \"nope\"");
+    assert!(find("malformed entry: `created_ms`").raw.is_some());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.received("hook").len(), 1, "nothing else was sent");
+    assert_eq!(q.dead_letters(100).await.unwrap().len(), 4, "each once");
     wh.shutdown().await;
 }
 

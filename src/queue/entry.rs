@@ -14,6 +14,9 @@ use sha2::{Digest, Sha256};
 
 use crate::event::{Attempt, Event, Job};
 
+/// 9999-12-31T23:59:59.999Z: the last time a signature timestamp can show.
+pub const MAX_TIME_MS: u64 = 253_402_300_799_999;
+
 /// The stream field that holds a job.
 pub const JOB_FIELD: &str = "job";
 /// The dead-letter stream field that holds a dead letter.
@@ -96,6 +99,11 @@ pub fn decode(entry_id: &str, raw: Option<&[u8]>) -> Result<Job, Malformed> {
         .created_ms
         .or_else(|| entry_id.split('-').next().and_then(|ms| ms.parse().ok()))
         .unwrap_or_else(crate::event::now_ms);
+    if created_ms > MAX_TIME_MS {
+        return Err(malformed(
+            "`created_ms` must be unix milliseconds before the year 10000".into(),
+        ));
+    }
     Ok(Job {
         id,
         app_id: wire.app_id,
@@ -203,6 +211,23 @@ mod tests {
         assert_eq!(m.raw, "{not json");
         let m = decode("1-0", Some(br#"{"app_id":"a","event":{"channel":"x"}}"#)).unwrap_err();
         assert!(m.reason.contains("name"), "{}", m.reason);
+    }
+
+    #[test]
+    fn a_time_past_the_year_9999_is_refused() {
+        let m = decode(
+            "1-0",
+            Some(br#"{"app_id":"a","created_ms":253402300800000,"event":{"name":"x"}}"#),
+        )
+        .unwrap_err();
+        assert!(m.reason.contains("created_ms"), "{}", m.reason);
+        assert!(
+            decode(
+                "1-0",
+                Some(br#"{"app_id":"a","created_ms":253402300799999,"event":{"name":"x"}}"#)
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -628,6 +628,7 @@ impl State {
                 lease: id.to_string(),
                 app: app.to_string(),
                 endpoint: part.clone(),
+                raw: Some(bytes::Bytes::from(super::entry::encode(&job))),
                 job: Ok(job.clone()),
                 disabled: disabled.map(str::to_string),
             });

@@ -124,6 +124,8 @@ pub struct Leased {
     /// The partition it came from: None = the app's new events.
     pub endpoint: Option<String>,
     pub job: Result<Job, Malformed>,
+    /// The job as stored: what it is rebuilt from if its task panics.
+    pub raw: Option<bytes::Bytes>,
     /// The endpoint is disabled (this reason): dead-letter, do not send.
     pub disabled: Option<String>,
 }

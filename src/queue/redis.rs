@@ -190,8 +190,9 @@ impl RedisQueue {
             return Err(QueueError::Corrupt("job bodies reply".into()));
         }
         for ((lease, (app, part), job_id, disabled), body) in leases.into_iter().zip(bodies) {
-            let job = match body {
-                Some(raw) => entry::decode(&format!("0-{job_id}"), Some(&raw)),
+            let raw = body.map(bytes::Bytes::from);
+            let job = match &raw {
+                Some(raw) => entry::decode(&format!("0-{job_id}"), Some(raw)),
                 None => Err(entry::Malformed {
                     raw: String::new(),
                     reason: format!("job {job_id} has no stored body"),
@@ -202,6 +203,7 @@ impl RedisQueue {
                 app,
                 endpoint: (!part.is_empty()).then_some(part),
                 job,
+                raw,
                 disabled,
             });
         }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::{Context, Tenants};
 use crate::app::{App, Endpoint};
@@ -247,6 +247,61 @@ fn signals(failure: &Failure) -> Vec<Signal> {
     out
 }
 
+/// The outcome of a job whose task panicked: a failure like any other, on
+/// the job's retry schedule, then a dead letter with the panic's message.
+pub(super) fn panicked(
+    ctx: &Context,
+    lease: String,
+    raw: Option<&[u8]>,
+    panic: Box<dyn std::any::Any + Send>,
+) -> Completion {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    let message: String = message.chars().take(1000).collect();
+    error!(
+        lease,
+        panic = message,
+        "job task panicked; treated as a failure"
+    );
+    let tenants = ctx.tenants();
+    let effects = after_panic(raw, &message, |job| {
+        job.endpoint
+            .as_deref()
+            .and_then(|e| tenants.apps.get(&job.app_id)?.endpoint(e))
+            .map_or(&ctx.retry, |e| &e.retry)
+            .clone()
+    });
+    Completion { lease, effects }
+}
+
+fn after_panic(
+    raw: Option<&[u8]>,
+    message: &str,
+    policy: impl FnOnce(&Job) -> crate::delivery::retry::RetryPolicy,
+) -> Vec<Effect> {
+    let reason = format!("job task panicked: {message}");
+    match raw.map(|r| crate::queue::entry::decode("0-0", Some(r))) {
+        Some(Ok(job)) => {
+            let policy = policy(&job);
+            let attempt = job.attempt + 1;
+            failed(&policy, job, attempt, Failure::retryable(reason))
+        }
+        _ => {
+            let malformed = crate::queue::Malformed {
+                raw: String::new(),
+                reason,
+            };
+            vec![
+                Effect::DeadLetter(DeadLetter::malformed(&malformed, now_ms())),
+                Effect::Count(Stat::Dead),
+            ]
+        }
+    }
+}
+
 /// The outcome of a failed attempt: a retry if the failure allows one and the
 /// schedule has one left, else a dead letter.
 fn failed(
@@ -344,6 +399,44 @@ mod tests {
             body: None,
             retry_after: retry_after.map(Duration::from_secs),
         }
+    }
+
+    #[test]
+    fn a_panic_is_retried_on_the_schedule_then_dead_lettered() {
+        use crate::delivery::retry::RetryPolicy;
+        use crate::event::Event;
+        let policy = || RetryPolicy::new(vec![Duration::ZERO; 2], 0.0, Duration::ZERO);
+        let mut job = Job::new(
+            "a",
+            Event::from_json(serde_json::json!({"name": "x"})).unwrap(),
+            1,
+        );
+        let raw = crate::queue::entry::encode(&job);
+        let effects = after_panic(Some(raw.as_bytes()), "boom", |_| policy());
+        let Some(Effect::Schedule { job: again, .. }) = effects.first() else {
+            panic!("a retry: {effects:?}");
+        };
+        assert_eq!(again.attempt, 1);
+        assert!(
+            again.history[0]
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("panicked: boom")
+        );
+        job.attempt = 1;
+        let raw = crate::queue::entry::encode(&job);
+        let effects = after_panic(Some(raw.as_bytes()), "boom", |_| policy());
+        let Some(Effect::DeadLetter(letter)) = effects.first() else {
+            panic!("a dead letter after the schedule: {effects:?}");
+        };
+        assert!(
+            letter.reason.contains("job task panicked: boom"),
+            "{}",
+            letter.reason
+        );
+        let effects = after_panic(None, "boom", |_| policy());
+        assert!(matches!(effects.first(), Some(Effect::DeadLetter(_))));
     }
 
     #[test]

@@ -12,6 +12,9 @@ mod job;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt as _;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -182,7 +185,14 @@ async fn take_loop(
             let slot = ctx.scheduler.admit(&leased.app, leased.endpoint.as_deref());
             let (ctx, done, busy) = (ctx.clone(), done.clone(), busy.clone());
             jobs.spawn(async move {
-                let completion = job::process(&ctx, leased, slot, &busy).await;
+                // A panic is a failure of this job, not of the worker: the job
+                // follows its retry schedule like any other failure, so no
+                // input makes it come back forever.
+                let (lease, raw) = (leased.lease.clone(), leased.raw.clone());
+                let completion = AssertUnwindSafe(job::process(&ctx, leased, slot, &busy))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| job::panicked(&ctx, lease, raw.as_deref(), panic));
                 // The committer outlives every job task, so this only fails if
                 // it panicked; the lease then expires and the job runs again.
                 let _ = done.send(completion).await;
