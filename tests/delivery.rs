@@ -482,7 +482,9 @@ async fn a_malformed_inbox_entry_is_dead_lettered_and_the_next_job_still_flows()
         .arg(&stream)
         .arg("*")
         .arg("job")
-        .arg(r#"{"app_id":"app-1","created_ms":999999999999999999,"event":{"name":"client_event"}}"#)
+        .arg(
+            r#"{"app_id":"app-1","created_ms":999999999999999999,"event":{"name":"client_event"}}"#,
+        )
         .query(&mut conn)
         .unwrap();
     // A producer writing the documented minimal format.
