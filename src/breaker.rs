@@ -35,20 +35,6 @@ pub struct BreakerSettings {
     pub disable_after: Duration,
 }
 
-impl Default for BreakerSettings {
-    fn default() -> Self {
-        BreakerSettings {
-            failure_rate: 0.7,
-            min_requests: 10,
-            window: Duration::from_secs(300),
-            consecutive_failures: 0,
-            cool_down: Duration::from_secs(30),
-            max_cool_down: Duration::from_secs(1800),
-            disable_after: Duration::from_secs(5 * 86400),
-        }
-    }
-}
-
 /// Buckets in the sliding window.
 pub const BUCKETS: u64 = 10;
 

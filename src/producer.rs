@@ -10,7 +10,7 @@
 //! ```
 
 use crate::event::{Event, Job, now_ms};
-use crate::queue::{Keys, Queue, QueueOptions, RedisQueue};
+use crate::queue::{Keys, Queue, RedisQueue};
 
 pub struct Producer {
     queue: Queue,
@@ -18,11 +18,13 @@ pub struct Producer {
 
 impl Producer {
     pub fn connect(redis_url: &str, prefix: &str) -> anyhow::Result<Self> {
+        // A producer only enqueues; the queue's options are the built-in ones.
+        let defaults = crate::config::load_from(None, Some(""), Vec::<(String, String)>::new())?;
         Ok(Producer {
             queue: Queue::Redis(RedisQueue::connect(
                 redis_url,
                 Keys::new(prefix),
-                QueueOptions::default(),
+                defaults.queue_options(),
             )?),
         })
     }

@@ -1075,11 +1075,12 @@ mod tests {
             lease: Duration::from_secs(30),
             breaker: BreakerSettings {
                 failure_rate: 0.0,
+                min_requests: 10,
+                window: Duration::from_secs(300),
                 consecutive_failures: 1,
                 cool_down: Duration::from_secs(1),
                 max_cool_down: Duration::from_secs(8),
                 disable_after: Duration::ZERO,
-                ..BreakerSettings::default()
             },
             max_hold: Duration::from_secs(60),
         }

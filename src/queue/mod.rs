@@ -196,17 +196,6 @@ pub struct QueueOptions {
     pub max_hold: Duration,
 }
 
-impl Default for QueueOptions {
-    /// The built-in defaults (`src/config/default.toml`).
-    fn default() -> Self {
-        QueueOptions {
-            lease: Duration::from_secs(60),
-            breaker: BreakerSettings::default(),
-            max_hold: Duration::from_secs(3600),
-        }
-    }
-}
-
 /// How much is in the queue.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Depth {

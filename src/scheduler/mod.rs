@@ -105,6 +105,11 @@ impl Scheduler {
         self.lock().total
     }
 
+    /// Slots not holding a job.
+    pub fn free(&self) -> usize {
+        self.slots.saturating_sub(self.lock().total)
+    }
+
     /// What to ask the queue for: the free slots, and the room left for the
     /// apps and endpoints that have jobs in flight here.
     pub fn request(&self) -> TakeRequest {

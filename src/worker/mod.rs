@@ -224,7 +224,7 @@ async fn take_loop(
 async fn gather(scheduler: &Scheduler, slots: usize) {
     let enough = (slots / 8).clamp(1, 16);
     let _ = tokio::time::timeout(TAKE_LINGER, async {
-        while scheduler.request().max < enough && scheduler.in_flight() > 0 {
+        while scheduler.free() < enough && scheduler.in_flight() > 0 {
             scheduler.released().await;
         }
     })
@@ -376,27 +376,20 @@ async fn commit_loop(
             match ctx.queue.commit(&batch).await {
                 Ok(changes) => {
                     for c in changes {
-                        match c.state {
-                            State::Closed => info!(
-                                app = c.app,
-                                endpoint = c.endpoint,
-                                "circuit closed: the endpoint answers again"
-                            ),
-                            State::Open => warn!(
-                                app = c.app,
-                                endpoint = c.endpoint,
+                        let what = match c.state {
+                            State::Closed => "circuit closed: the endpoint answers again",
+                            State::Open => {
                                 "circuit opened: the endpoint's jobs wait until a probe succeeds"
-                            ),
-                            State::HalfOpen => info!(
-                                app = c.app,
-                                endpoint = c.endpoint,
-                                "circuit half-open: probing"
-                            ),
-                            State::Disabled => error!(
-                                app = c.app,
-                                endpoint = c.endpoint,
+                            }
+                            State::HalfOpen => "circuit half-open: probing",
+                            State::Disabled => {
                                 "endpoint disabled: its jobs are dead-lettered until it is reset"
-                            ),
+                            }
+                        };
+                        if c.state == State::Closed {
+                            info!(app = c.app, endpoint = c.endpoint, "{what}");
+                        } else {
+                            warn!(app = c.app, endpoint = c.endpoint, "{what}");
                         }
                     }
                     break;

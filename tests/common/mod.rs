@@ -434,10 +434,19 @@ pub fn write_config(dir: &tempfile::TempDir, text: &str) -> PathBuf {
 }
 
 pub fn spawn_serve(config: &std::path::Path, mode: &str) -> tokio::process::Child {
+    spawn_serve_logging(config, mode, "wasmhook=info,warn")
+}
+
+/// As [`spawn_serve`], logging at `filter` (RUST_LOG syntax).
+pub fn spawn_serve_logging(
+    config: &std::path::Path,
+    mode: &str,
+    filter: &str,
+) -> tokio::process::Child {
     tokio::process::Command::new(binary())
         .args(["serve", "--mode", mode, "--config"])
         .arg(config)
-        .env("RUST_LOG", "wasmhook=info,warn")
+        .env("RUST_LOG", filter)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
