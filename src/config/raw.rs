@@ -6,8 +6,66 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// A duration written as text: "0s", "250ms", "5m", "2h".
-pub type HumanDuration = humantime_serde::Serde<Duration>;
+/// A duration written as text: "0s", "250ms", "5m", "2h"; at most
+/// [`MAX_DURATION`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl std::ops::Deref for HumanDuration {
+    type Target = Duration;
+    fn deref(&self) -> &Duration {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        duration::deserialize(d).map(HumanDuration)
+    }
+}
+
+/// The longest duration a key takes: past any real use, and far from where
+/// arithmetic on it (a delay with jitter, a doubled cool-down, a time from
+/// now in milliseconds) would overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `#[serde(with = "duration")]`: a duration, or an optional one, written as
+/// text, of at most [`MAX_DURATION`].
+mod duration {
+    use std::time::Duration;
+
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer};
+
+    pub trait Bounded {
+        fn length(&self) -> Option<Duration>;
+    }
+
+    impl Bounded for Duration {
+        fn length(&self) -> Option<Duration> {
+            Some(*self)
+        }
+    }
+
+    impl Bounded for Option<Duration> {
+        fn length(&self) -> Option<Duration> {
+            *self
+        }
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        humantime_serde::Serde<T>: Deserialize<'de>,
+        T: Bounded,
+        D: Deserializer<'de>,
+    {
+        let value: T = humantime_serde::deserialize(d)?;
+        if value.length().is_some_and(|l| l > super::MAX_DURATION) {
+            return Err(D::Error::custom("must be at most 100 years (\"36500d\")"));
+        }
+        Ok(value)
+    }
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,7 +92,7 @@ pub struct RawWasm {
     pub cache_dir: String,
     pub max_instances: u32,
     pub warm_instances: u32,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub deadline: Duration,
     /// Instruction budget per call; 0 turns fuel metering off.
     pub fuel: u64,
@@ -43,7 +101,7 @@ pub struct RawWasm {
     pub max_reuse: u32,
     pub on_failure: crate::plugin::FailurePolicy,
     /// How often plugin files are checked for replacement.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub watch_interval: Duration,
 }
 
@@ -52,7 +110,7 @@ pub struct RawWasm {
 pub struct RawPlugin {
     /// The component file; relative paths are relative to the config file.
     pub path: String,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "duration")]
     pub deadline: Option<Duration>,
     pub fuel: Option<u64>,
     pub max_memory: Option<usize>,
@@ -83,7 +141,7 @@ pub struct RawServer {
     pub listen: String,
     pub max_body_bytes: usize,
     pub max_batch: usize,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub idempotency_ttl: Duration,
     pub echo: bool,
 }
@@ -94,11 +152,11 @@ pub struct RawQueues {
     pub concurrency: usize,
     pub quantum: usize,
     pub app_max_in_flight: usize,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub visibility_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub reclaim_interval: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub idle_poll: Duration,
 }
 
@@ -107,14 +165,14 @@ pub struct RawQueues {
 pub struct RawRetry {
     pub schedule: Vec<HumanDuration>,
     pub jitter: f64,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub max_retry_after: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDelivery {
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub timeout: Duration,
     pub max_response_bytes: usize,
     pub max_in_flight: usize,
@@ -126,14 +184,14 @@ pub struct RawDelivery {
 pub struct RawBreaker {
     pub failure_rate: f64,
     pub min_requests: u32,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub window: Duration,
     pub consecutive_failures: u32,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub cool_down: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub max_cool_down: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub disable_after: Duration,
 }
 
@@ -201,7 +259,7 @@ pub struct RawWebhook {
     /// `standard` endpoints: whsec_ secrets, each signs.
     #[serde(default)]
     pub secrets: Vec<String>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "duration")]
     pub timeout: Option<Duration>,
     pub retry: Option<RawRetryOverride>,
     /// Jobs for this endpoint in flight on one worker.

@@ -270,7 +270,7 @@ pub(super) fn build(
         }
         apps.push(app);
     }
-    if raw.queues.visibility_timeout <= longest_timeout + Duration::from_secs(1) {
+    if raw.queues.visibility_timeout <= longest_timeout.saturating_add(Duration::from_secs(1)) {
         c.fail(
             "queues.visibility_timeout",
             format!("must be more than the longest endpoint timeout ({longest_timeout:?}) plus 1s, or a slow delivery would be handed to a second worker"),

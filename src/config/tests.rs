@@ -205,6 +205,30 @@ fn visibility_timeout_must_outlast_every_endpoint_timeout() {
     );
 }
 
+/// Found by the config property test: an endpoint timeout near the largest
+/// `Duration` overflowed the visibility timeout check and panicked.
+#[test]
+fn durations_past_a_hundred_years_are_refused() {
+    let p = problems("[delivery]\ntimeout = \"18446744073709551615s\"\n");
+    assert!(
+        p.iter()
+            .any(|x| x.starts_with("delivery.timeout: ") && x.contains("100 years")),
+        "{p:?}"
+    );
+    let p = problems(&format!("{APP}timeout = \"584942417355y\"\n"));
+    assert!(
+        p.iter()
+            .any(|x| x.starts_with("apps[0].webhooks[1].timeout: ")),
+        "{p:?}"
+    );
+    let p = problems("[retry]\nschedule = [\"0s\", \"36501d\"]\n");
+    assert!(
+        p.iter().any(|x| x.starts_with("retry.schedule[1]: ")),
+        "{p:?}"
+    );
+    assert!(load("[retry]\nschedule = [\"0s\", \"36500d\"]\n").is_ok());
+}
+
 #[test]
 fn environment_variables_override_any_key() {
     let env = vec![

@@ -90,6 +90,10 @@ pub fn decode(entry_id: &str, raw: Option<&[u8]>) -> Result<Job, Malformed> {
             "`endpoint` must be 1 to 200 characters of A-Z a-z 0-9 _ - . :".into(),
         ));
     }
+    if wire.attempt == u32::MAX {
+        // The worker numbers the next attempt `attempt + 1`.
+        return Err(malformed(format!("`attempt` must be below {}", u32::MAX)));
+    }
     let id = match wire.id {
         Some(id) if !id.is_empty() && id.len() <= 200 => id,
         Some(_) => return Err(malformed("`id` must be 1 to 200 characters".into())),
@@ -198,6 +202,15 @@ mod tests {
         assert_eq!(decode("1-0", Some(encode(&job).as_bytes())).unwrap(), job);
     }
 
+    /// Found by the `queue_entry` fuzz target: a number past f64's
+    /// precision changed its last digits on every encode and decode.
+    #[test]
+    fn numbers_survive_encode_and_decode() {
+        let raw = br#"{"app_id":"app0","event":{"name":"clt_edntdnt","chan[el":126707890123912345678901234567890123456789099,"data":"{"}}"#;
+        let job = decode("1700000000000-0", Some(raw)).unwrap();
+        assert_eq!(decode("1-0", Some(encode(&job).as_bytes())).unwrap(), job);
+    }
+
     #[test]
     fn says_why_an_entry_is_malformed() {
         assert!(
@@ -228,6 +241,22 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn an_attempt_count_with_no_next_attempt_is_refused() {
+        let m = decode(
+            "1-0",
+            Some(br#"{"app_id":"a","attempt":4294967295,"event":{"name":"x"}}"#),
+        )
+        .unwrap_err();
+        assert!(m.reason.contains("attempt"), "{}", m.reason);
+        let job = decode(
+            "1-0",
+            Some(br#"{"app_id":"a","attempt":4294967294,"event":{"name":"x"}}"#),
+        )
+        .unwrap();
+        assert_eq!(job.attempt.checked_add(1), Some(u32::MAX));
     }
 
     #[test]
