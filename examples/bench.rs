@@ -500,6 +500,7 @@ async fn measure_plugin(settings: &Settings, args: &Args, calls: u32) -> anyhow:
         metadata: &[],
         attempt: 1,
         endpoint: None,
+        endpoints: 1,
     };
     for (label, max_reuse) in [
         ("fresh instance + call", 1),

@@ -657,6 +657,7 @@ async fn compiled_plugins_are_cached_on_disk_and_a_bad_cache_entry_is_ignored() 
         warm_instances: 4,
         max_memory: 32 << 20,
         fuel: false,
+        ..Default::default()
     };
     let limits = Limits {
         deadline: Duration::from_millis(50),
@@ -810,6 +811,7 @@ async fn a_fuel_budget_stops_a_plugin_deterministically() {
         warm_instances: 4,
         max_memory: 32 << 20,
         fuel: true,
+        ..Default::default()
     })
     .unwrap();
     let limits = |fuel| Limits {
@@ -829,6 +831,7 @@ async fn a_fuel_budget_stops_a_plugin_deterministically() {
         metadata: &[],
         attempt: 1,
         endpoint: None,
+        endpoints: 1,
     };
     let looping = engine
         .load(
@@ -892,6 +895,7 @@ async fn calls_seen(
         metadata: &[],
         attempt: 1,
         endpoint: None,
+        endpoints: 1,
     };
     match plugin.call(&input, config).await.decision? {
         Decision::Transform(m) => Ok(m.event.fields["calls"].as_u64().unwrap()),
@@ -909,6 +913,7 @@ async fn warm_instances_serve_one_app_only_and_are_retired_when_they_must_be() {
             warm_instances: warm,
             max_memory: 32 << 20,
             fuel: false,
+            ..Default::default()
         })
         .unwrap()
     };
@@ -1028,4 +1033,308 @@ fn the_plugin_kits_own_unit_tests_pass() {
         "only {passed} plugin-kit tests ran:\n{stdout}"
     );
     assert_eq!(ignored, 0, "no plugin-kit test may be skipped:\n{stdout}");
+}
+
+/// A test component written in WAT (`plugins/testing/NAME.wat`), as a
+/// binary component file in `dir`.
+fn wat_component(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let bytes = wat::parse_file(plugins_dir().join(format!("testing/{name}.wat"))).unwrap();
+    let path = dir.join(format!("{name}.wasm"));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_over_the_per_plugin_caps_is_refused_and_other_apps_keep_delivering() {
+    use wasmhook::plugin::{EngineSettings, FailurePolicy, Limits, LoadError, PluginEngine};
+    let dir = tempfile::tempdir().unwrap();
+    let engine = PluginEngine::new(&EngineSettings::default()).unwrap();
+    let limits = Limits {
+        deadline: Duration::from_secs(1),
+        fuel: None,
+        max_memory: 32 << 20,
+        max_output: 1 << 20,
+        max_reuse: 1,
+    };
+    for (name, why) in [
+        ("many-instances", "64 core module instances"),
+        ("many-memories", "16 Wasm linear memories"),
+    ] {
+        let path = wat_component(dir.path(), name);
+        match engine.load(name, &path, limits.clone(), FailurePolicy::Fail) {
+            Err(e @ LoadError::OverLimits { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains(why), "{text}");
+                assert!(text.contains("more than a plugin may hold"), "{text}");
+            }
+            Err(other) => panic!("{name}: refused for another reason: {other}"),
+            Ok(_) => panic!("{name} was loaded"),
+        }
+    }
+
+    // Swapped in for a running plugin: refused, the old version keeps
+    // running, and another app's plugin is not disturbed.
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let hostile = dir.path().join("hostile.wasm");
+    std::fs::copy(plugin("add-header"), &hostile).unwrap();
+    let apps = app_with_chain(
+        "hostile",
+        r#"[{ plugin = "h" }]"#,
+        &pusher_endpoint(&rx.url("hostile")),
+    ) + &app_with_chain(
+        "calm",
+        r#"[{ plugin = "c" }]"#,
+        &pusher_endpoint(&rx.url("calm")),
+    );
+    let text = config(Some(&redis.url), &prefix("caps"), "127.0.0.1:0", &apps)
+        + &wasm_section("")
+        + &plugin_def("h", &hostile, "")
+        + &plugin_def("c", &plugin("add-header"), "");
+    let wh = Running::start(&text, Mode::All).await;
+    send(
+        &wh.ingest,
+        "hostile",
+        json!({"name": "client_event", "channel": "first"}),
+    )
+    .await;
+    rx.wait_for("hostile", 1, WAIT).await;
+    let planted = wat_component(dir.path(), "many-memories");
+    std::fs::copy(&planted, &hostile).unwrap();
+    // Several watch intervals: the new file is tried and rejected.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for i in 0..10 {
+        for app in ["hostile", "calm"] {
+            send(
+                &wh.ingest,
+                app,
+                json!({"name": "client_event", "channel": format!("c{i}")}),
+            )
+            .await;
+        }
+    }
+    let calm = rx.wait_for("calm", 10, WAIT).await;
+    let hostile_got = rx.wait_for("hostile", 11, WAIT).await;
+    for r in calm.iter().chain(&hostile_got) {
+        assert_eq!(r.header("x-plugin"), "add-header");
+    }
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_blocked_in_a_clock_call_is_stopped_at_its_deadline() {
+    use wasmhook::plugin::{
+        EngineSettings, FailurePolicy, Limits, PluginEngine, PluginFailure, PluginInput,
+    };
+    let engine = PluginEngine::new(&EngineSettings::default()).unwrap();
+    let limits = Limits {
+        deadline: Duration::from_millis(100),
+        fuel: None,
+        max_memory: 32 << 20,
+        max_output: 1 << 20,
+        max_reuse: 100,
+    };
+    let sleeper = engine
+        .load("sleeper", &plugin("sleeper"), limits, FailurePolicy::Fail)
+        .unwrap();
+    let event =
+        wasmhook::event::Event::from_json(json!({"name": "client_event", "channel": "c"})).unwrap();
+    let input = PluginInput {
+        id: "msg_1",
+        app_id: "app-1",
+        event: &event,
+        headers: &[],
+        metadata: &[],
+        attempt: 1,
+        endpoint: None,
+        endpoints: 1,
+    };
+    let config = vec![("ms".to_string(), "3000".to_string())];
+    let called = sleeper.call(&input, &config).await;
+    assert_eq!(
+        called.decision,
+        Err(PluginFailure::TimedOut(Duration::from_millis(100)))
+    );
+    // A short sleep within the deadline decides, and the instance it ran on
+    // (stopped or not) never leaks into the next call.
+    let short = vec![("ms".to_string(), "1".to_string())];
+    assert!(sleeper.call(&input, &short).await.decision.is_ok());
+    assert_eq!(
+        sleeper.call(&input, &config).await.decision,
+        Err(PluginFailure::TimedOut(Duration::from_millis(100)))
+    );
+
+    // `plugin test` says the same.
+    let dir = tempfile::tempdir().unwrap();
+    let event_file = dir.path().join("event.json");
+    std::fs::write(&event_file, r#"{"name":"client_event","channel":"c"}"#).unwrap();
+    let (ok, out, err) = run_binary(&[
+        "plugin".into(),
+        "test".into(),
+        plugin("sleeper").display().to_string(),
+        "--event".into(),
+        event_file.display().to_string(),
+        "--deadline".into(),
+        "100ms".into(),
+        "--config".into(),
+        "ms=3000".into(),
+    ])
+    .await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("ran past its deadline of 100ms"),
+        "{out}\n{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_apps_plugin_calls_cannot_hold_the_instances_another_app_needs() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let apps = app_with_chain(
+        "sleepy",
+        r#"[{ plugin = "sleeper", config = { ms = "1500" } }]"#,
+        &pusher_endpoint(&rx.url("sleepy")),
+    ) + &app_with_chain(
+        "calm",
+        r#"[{ plugin = "tag" }]"#,
+        &pusher_endpoint(&rx.url("calm")),
+    );
+    let text = config(Some(&redis.url), &prefix("share"), "127.0.0.1:0", &apps)
+        + &wasm_section("max_instances = 4\napp_max_instances = 2")
+        + &plugin_def("sleeper", &plugin("sleeper"), "deadline = \"5s\"")
+        + &plugin_def("tag", &plugin("add-header"), "");
+    let wh = Running::start(&text, Mode::All).await;
+    for i in 0..8 {
+        send(
+            &wh.ingest,
+            "sleepy",
+            json!({"name": "client_event", "channel": format!("s{i}")}),
+        )
+        .await;
+    }
+    // The sleepy app's calls are under way before the calm app's arrive.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..5 {
+        send(
+            &wh.ingest,
+            "calm",
+            json!({"name": "client_event", "channel": format!("c{i}")}),
+        )
+        .await;
+    }
+    rx.wait_for("calm", 5, WAIT).await;
+    // With the pool to itself the sleepy app would have held all 4 instances
+    // (and queued ahead of the calm app for the next ones): the calm app's
+    // events would come after at least 4 of its own.
+    let sleepy_before = rx.arrived("sleepy");
+    assert!(
+        sleepy_before < 4,
+        "{sleepy_before} sleepy deliveries came first"
+    );
+    rx.wait_for("sleepy", 8, WAIT).await;
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_a_decision_carries_is_bounded() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let cases: [(&str, &str, &str); 7] = [
+        (
+            "header",
+            "part = \"header\", bytes = \"2097152\"",
+            "over its output limit of 1048576",
+        ),
+        (
+            "metadata",
+            "part = \"metadata\", bytes = \"2097152\"",
+            "over its output limit of 1048576",
+        ),
+        (
+            "headers",
+            "part = \"headers\"",
+            "40000 headers in one message; at most 64",
+        ),
+        (
+            "pairs",
+            "part = \"metadata-pairs\"",
+            "40000 metadata pairs in one message; at most 64",
+        ),
+        (
+            "routes",
+            "part = \"routes\"",
+            "routes to 100000 targets; the app has 1 endpoints",
+        ),
+        (
+            "error",
+            "part = \"error\", bytes = \"2097152\"",
+            "over its output limit of 1048576",
+        ),
+        (
+            "long-error",
+            "part = \"error\", bytes = \"524288\"",
+            "(524288 bytes)",
+        ),
+    ];
+    let apps = cases
+        .iter()
+        .map(|(app, cfg, _)| {
+            app_with_chain(
+                app,
+                &format!("[{{ plugin = \"big\", config = {{ {cfg} }} }}]"),
+                &pusher_endpoint(&rx.url(app)),
+            )
+        })
+        .collect::<String>()
+        + &app_with_chain(
+            "twice",
+            r#"[{ plugin = "big", config = { part = "routes", count = "2", endpoint = "a" } }]"#,
+            &format!(
+                "\n[[apps.webhooks]]\nid = \"a\"\nurl = \"{}\"\n\n[[apps.webhooks]]\nid = \"b\"\nurl = \"{}\"\n",
+                rx.url("twice-a"),
+                rx.url("twice-b")
+            ),
+        );
+    let text = config(Some(&redis.url), &prefix("bounded"), "127.0.0.1:0", &apps)
+        + &wasm_section("")
+        + &plugin_def("big", &plugin("oversized-output"), "deadline = \"5s\"");
+    let wh = Running::start(&text, Mode::All).await;
+    for (app, _, _) in &cases {
+        send(
+            &wh.ingest,
+            app,
+            json!({"name": *app, "channel": "private-x"}),
+        )
+        .await;
+    }
+    // Named twice, delivered once.
+    send(
+        &wh.ingest,
+        "twice",
+        json!({"name": "twice", "channel": "x"}),
+    )
+    .await;
+    let q = queue(&text);
+    let letters = dead_letters(&q, cases.len()).await;
+    rx.wait_for("twice-a", 1, WAIT).await;
+    assert_eq!(rx.arrived("twice-a"), 1);
+    assert_eq!(rx.arrived("twice-b"), 0);
+    for (app, _, why) in &cases {
+        let letter = letters
+            .iter()
+            .find(|(_, l)| l.job.as_ref().is_some_and(|j| j.event.name == *app))
+            .map(|(_, l)| l)
+            .unwrap_or_else(|| panic!("no dead letter for {app}: {letters:?}"));
+        assert!(letter.reason.contains(why), "{app}: {}", letter.reason);
+        assert!(
+            letter.reason.len() < 4096,
+            "{app}: {} bytes",
+            letter.reason.len()
+        );
+    }
+    for (app, _, _) in &cases {
+        assert!(rx.received(app).is_empty(), "{app} got nothing");
+    }
+    wh.shutdown().await;
 }

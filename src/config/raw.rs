@@ -33,7 +33,13 @@ pub struct RawWasm {
     /// "auto": the user's cache directory; "": no cache; else a path.
     pub cache_dir: String,
     pub max_instances: u32,
+    /// Instances (calls in flight and warm) one app may hold at once.
+    pub app_max_instances: u32,
     pub warm_instances: u32,
+    /// What one component may hold: core instances, linear memories, tables.
+    pub plugin_max_core_instances: u32,
+    pub plugin_max_memories: u32,
+    pub plugin_max_tables: u32,
     #[serde(with = "humantime_serde")]
     pub deadline: Duration,
     /// Instruction budget per call; 0 turns fuel metering off.

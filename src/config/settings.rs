@@ -17,7 +17,7 @@ use crate::breaker::BreakerSettings;
 use crate::delivery::retry::RetryPolicy;
 use crate::event::valid_name;
 use crate::pipeline::route::ChannelFilter;
-use crate::plugin::{EngineSettings, Limits, PluginSpec};
+use crate::plugin::{ComponentCaps, EngineSettings, Limits, PluginSpec};
 use crate::queue::{EndpointTenancy, Keys, QueueOptions, Tenancy};
 use crate::ratelimit::RateLimit;
 use crate::signing::{self, standard::StandardKey};
@@ -325,6 +325,21 @@ fn build_plugins(
     if wasm.max_instances == 0 {
         c.fail("wasm.max_instances", "must be at least 1");
     }
+    if wasm.app_max_instances == 0 {
+        c.fail("wasm.app_max_instances", "must be at least 1");
+    }
+    for (key, value) in [
+        (
+            "wasm.plugin_max_core_instances",
+            wasm.plugin_max_core_instances,
+        ),
+        ("wasm.plugin_max_memories", wasm.plugin_max_memories),
+        ("wasm.plugin_max_tables", wasm.plugin_max_tables),
+    ] {
+        if value == 0 {
+            c.fail(key, "must be at least 1");
+        }
+    }
     if wasm.deadline.is_zero() {
         c.fail("wasm.deadline", "must be longer than zero");
     }
@@ -396,7 +411,13 @@ fn build_plugins(
     let engine = EngineSettings {
         cache_dir,
         max_instances: wasm.max_instances,
+        app_max_instances: wasm.app_max_instances,
         warm_instances: wasm.warm_instances,
+        component: ComponentCaps {
+            core_instances: wasm.plugin_max_core_instances,
+            memories: wasm.plugin_max_memories,
+            tables: wasm.plugin_max_tables,
+        },
         max_memory: specs
             .iter()
             .map(|s| s.limits.max_memory)
