@@ -381,6 +381,20 @@ fn allowed_networks_proxy_and_no_proxy_are_validated() {
         .collect();
     assert_eq!(allowed, ["127.0.0.0/8", "10.1.0.0/16", "fd00::1/128"]);
     assert!(s.delivery.egress.proxy.is_none());
+    let s = load_from(
+        Some("test.toml".into()),
+        Some(APP),
+        [(
+            "WASMHOOK_DELIVERY__ALLOW_NETWORKS".to_string(),
+            r#"["127.0.0.0/8"]"#.to_string(),
+        )],
+    )
+    .unwrap();
+    assert_eq!(
+        s.delivery.egress.guard.allowed_networks()[0].to_string(),
+        "127.0.0.0/8",
+        "the environment sets it too"
+    );
 
     let p = problems("[delivery]\nallow_networks = [\"10.0.0.0/8\", \"10.0.0/8\", \"nope\"]\n");
     assert_eq!(p.len(), 2, "{p:?}");
