@@ -124,6 +124,12 @@ pub struct RawDelivery {
     pub timeout: Duration,
     pub max_response_bytes: usize,
     pub max_in_flight: usize,
+    /// Networks (CIDR) deliveries may reach although the guard blocks them.
+    pub allow_networks: Vec<String>,
+    /// Outbound HTTP(S) proxy URL; "" = connect directly.
+    pub proxy: String,
+    /// Hosts, domains and networks reached directly, not through `proxy`.
+    pub no_proxy: Vec<String>,
     pub breaker: RawBreaker,
 }
 

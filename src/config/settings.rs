@@ -15,7 +15,9 @@ use super::raw::{RawPluginRef, RawWasm};
 use crate::app::{App, Apps, Endpoint, PluginRef, Scheme, Secret};
 use crate::breaker::BreakerSettings;
 use crate::delivery::retry::RetryPolicy;
+use crate::delivery::{Egress, ProxySettings};
 use crate::event::valid_name;
+use crate::netguard::NetGuard;
 use crate::pipeline::route::ChannelFilter;
 use crate::plugin::{ComponentCaps, EngineSettings, Limits, PluginSpec};
 use crate::queue::{EndpointTenancy, Keys, QueueOptions, Tenancy};
@@ -37,6 +39,9 @@ pub struct Settings {
     pub watch_interval: Duration,
     pub plugins: Vec<PluginSpec>,
     pub apps: Apps,
+    /// Not errors, but likely mistakes (`config check` prints them, `serve`
+    /// logs them): endpoints the network guard will refuse.
+    pub warnings: Vec<Problem>,
 }
 
 #[derive(Debug, Clone)]
@@ -114,6 +119,8 @@ pub struct DeliverySettings {
     /// Jobs for one endpoint in flight on one worker, unless it sets its own.
     pub max_in_flight: usize,
     pub breaker: BreakerSettings,
+    /// The network guard and the outbound proxy.
+    pub egress: Egress,
 }
 
 #[derive(Debug, Clone)]
@@ -245,6 +252,7 @@ pub(super) fn build(
     if raw.delivery.timeout.is_zero() {
         c.fail("delivery.timeout", "must be longer than zero");
     }
+    let egress = build_egress(&mut c, &raw.delivery);
     if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
         c.fail(
             "log.level",
@@ -280,6 +288,7 @@ pub(super) fn build(
     if !c.0.is_empty() {
         return Err(c.0);
     }
+    let warnings = blocked_endpoints(&raw, &egress.guard);
     Ok(Settings {
         redis_url: raw.redis.url,
         keys: Keys::new(raw.redis.prefix),
@@ -304,6 +313,7 @@ pub(super) fn build(
             max_response_bytes: raw.delivery.max_response_bytes,
             max_in_flight: raw.delivery.max_in_flight,
             breaker,
+            egress,
         },
         log: LogSettings {
             format: raw.log.format,
@@ -313,7 +323,79 @@ pub(super) fn build(
         watch_interval: raw.wasm.watch_interval,
         plugins,
         apps: Apps::new(apps),
+        warnings,
     })
+}
+
+/// Endpoints the network guard will refuse, judged from their URLs alone
+/// (IP literals, `localhost`; no lookups). Not errors, since the operator may
+/// mean it, but every delivery to them will be dead-lettered.
+fn blocked_endpoints(raw: &RawConfig, guard: &NetGuard) -> Vec<Problem> {
+    let mut out = Vec::new();
+    for (i, a) in raw.apps.iter().enumerate() {
+        for (j, w) in a.webhooks.iter().enumerate() {
+            let Some(Ok(url)) = w.url.as_deref().map(reqwest::Url::parse) else {
+                continue;
+            };
+            if let Err(blocked) = guard.check_url(&url) {
+                out.push(Problem {
+                    path: format!("apps[{i}].webhooks[{j}].url"),
+                    reason: format!(
+                        "{blocked}: deliveries to it will be refused (delivery.allow_networks lets a network through)"
+                    ),
+                });
+            }
+        }
+    }
+    out
+}
+
+fn build_egress(c: &mut Check, raw: &super::raw::RawDelivery) -> Egress {
+    let mut allow = Vec::new();
+    for (i, text) in raw.allow_networks.iter().enumerate() {
+        match NetGuard::parse_network(text) {
+            Ok(net) => allow.push(net),
+            Err(reason) => c.fail(format!("delivery.allow_networks[{i}]"), reason),
+        }
+    }
+    let proxy = match raw.proxy.trim() {
+        "" => {
+            if !raw.no_proxy.is_empty() {
+                c.fail("delivery.no_proxy", "only with a delivery.proxy");
+            }
+            None
+        }
+        // The URL may hold credentials: it is never repeated in a message.
+        text => match reqwest::Url::parse(text) {
+            Err(e) => {
+                c.fail("delivery.proxy", format!("not a URL: {e}"));
+                None
+            }
+            Ok(url) if !matches!(url.scheme(), "http" | "https") || url.host().is_none() => {
+                c.fail(
+                    "delivery.proxy",
+                    "must be an http:// or https:// URL with a host",
+                );
+                None
+            }
+            Ok(url) => Some(ProxySettings {
+                url,
+                no_proxy: raw.no_proxy.clone(),
+            }),
+        },
+    };
+    for (i, entry) in raw.no_proxy.iter().enumerate() {
+        if entry.trim().is_empty() || entry.contains(',') {
+            c.fail(
+                format!("delivery.no_proxy[{i}]"),
+                "one host, domain, IP or CIDR per entry",
+            );
+        }
+    }
+    Egress {
+        guard: NetGuard::new(allow),
+        proxy,
+    }
 }
 
 fn build_plugins(

@@ -364,3 +364,138 @@ max_reuse = 0
         "{p:?}"
     );
 }
+
+#[test]
+fn allowed_networks_proxy_and_no_proxy_are_validated() {
+    let s = load(&format!(
+        "[delivery]\nallow_networks = [\"127.0.0.0/8\", \"10.1.2.3/16\", \"fd00::1\"]\n{APP}"
+    ))
+    .unwrap();
+    let allowed: Vec<String> = s
+        .delivery
+        .egress
+        .guard
+        .allowed_networks()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(allowed, ["127.0.0.0/8", "10.1.0.0/16", "fd00::1/128"]);
+    assert!(s.delivery.egress.proxy.is_none());
+    let s = load_from(
+        Some("test.toml".into()),
+        Some(APP),
+        [(
+            "WASMHOOK_DELIVERY__ALLOW_NETWORKS".to_string(),
+            r#"["127.0.0.0/8"]"#.to_string(),
+        )],
+    )
+    .unwrap();
+    assert_eq!(
+        s.delivery.egress.guard.allowed_networks()[0].to_string(),
+        "127.0.0.0/8",
+        "the environment sets it too"
+    );
+
+    let p = problems("[delivery]\nallow_networks = [\"10.0.0.0/8\", \"10.0.0/8\", \"nope\"]\n");
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(
+        p[0].starts_with("delivery.allow_networks[1]: \"10.0.0/8\" is not a network"),
+        "{p:?}"
+    );
+    assert!(p[1].starts_with("delivery.allow_networks[2]:"), "{p:?}");
+
+    let s = load(&format!(
+        "[delivery]\nproxy = \"http://user:pw@proxy.internal:3128\"\nno_proxy = [\"internal.example\", \"10.1.0.0/16\"]\n{APP}"
+    ))
+    .unwrap();
+    let proxy = s.delivery.egress.proxy.as_ref().unwrap();
+    assert_eq!(proxy.url.host_str(), Some("proxy.internal"));
+    assert_eq!(proxy.no_proxy, ["internal.example", "10.1.0.0/16"]);
+    assert!(
+        !format!("{:?}", s.delivery).contains("pw"),
+        "the proxy's credentials stay out of Debug"
+    );
+
+    for (text, want) in [
+        (
+            "proxy = \"socks5://user:secret-pw@p:1080\"",
+            "delivery.proxy: must be an http:// or https:// URL",
+        ),
+        ("proxy = \"::secret-pw\"", "delivery.proxy: not a URL"),
+        (
+            "no_proxy = [\"internal.example\"]",
+            "delivery.no_proxy: only with a delivery.proxy",
+        ),
+        (
+            "proxy = \"http://p:3128\"\nno_proxy = [\"a.example,b.example\"]",
+            "delivery.no_proxy[0]: one host",
+        ),
+    ] {
+        let p = problems(&format!("[delivery]\n{text}\n"));
+        assert_eq!(p.len(), 1, "{text}: {p:?}");
+        assert!(p[0].starts_with(want), "{text}: {p:?}");
+        assert!(!p[0].contains("secret-pw"), "{p:?}");
+    }
+}
+
+#[test]
+fn endpoints_the_guard_will_refuse_are_warnings_not_errors() {
+    let app = |urls: &[&str]| {
+        let mut text =
+            "[[apps]]\nid = \"a\"\nkey = \"k\"\nsecret = \"s\"\ningest_token = \"t\"\n".to_string();
+        for url in urls {
+            text.push_str(&format!("[[apps.webhooks]]\nurl = \"{url}\"\n"));
+        }
+        text
+    };
+    let urls = [
+        "https://example.com/hooks",
+        "http://10.0.0.5/hook",
+        "http://localhost:8080/",
+        "http://[::ffff:127.0.0.1]/",
+        "https://internal.example/",
+    ];
+    let s = load(&app(&urls)).unwrap();
+    let warnings: Vec<String> = s.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(warnings.len(), 3, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with(
+            "apps[0].webhooks[1].url: blocked: 10.0.0.5 is a private address: deliveries to it will be refused"
+        ),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[1].starts_with("apps[0].webhooks[2].url: blocked: localhost (127.0.0.1)"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[2].starts_with("apps[0].webhooks[3].url: blocked: ::ffff:127.0.0.1 embeds"),
+        "{warnings:?}"
+    );
+
+    let s = load(&format!(
+        "[delivery]\nallow_networks = [\"127.0.0.0/8\", \"10.0.0.0/8\"]\n{}",
+        app(&urls)
+    ))
+    .unwrap();
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+}
+
+#[test]
+fn the_demo_app_may_reach_its_loopback_echo_receiver() {
+    let s = load_from(None, None, Vec::<(String, String)>::new()).unwrap();
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    let guard = &s.delivery.egress.guard;
+    assert!(guard.check("127.0.0.1".parse().unwrap()).is_ok());
+    assert!(guard.check("::1".parse().unwrap()).is_ok());
+    assert!(guard.check("10.0.0.1".parse().unwrap()).is_err());
+    // With a file, nothing is allowed unless it says so.
+    let s = load(APP).unwrap();
+    assert!(
+        s.delivery
+            .egress
+            .guard
+            .check("127.0.0.1".parse().unwrap())
+            .is_err()
+    );
+}

@@ -310,7 +310,8 @@ pub fn verify_standard(r: &Received, secret: &str) {
 }
 
 /// Config text for tests: fast schedules, short intervals, Redis at `redis`
-/// with its own prefix, and the given `[[apps]]` text.
+/// with its own prefix, loopback allowed by the network guard (receivers
+/// are on 127.0.0.1), and the given `[[apps]]` text.
 pub fn config(redis: Option<&str>, prefix: &str, listen: &str, apps: &str) -> String {
     let redis = match redis {
         Some(url) => format!("url = \"{url}\"\n"),
@@ -336,6 +337,7 @@ jitter = 0.0
 
 [delivery]
 timeout = "1s"
+allow_networks = ["127.0.0.0/8"]
 
 [log]
 level = "wasmhook=debug,warn"
