@@ -267,3 +267,61 @@ async fn accepted_events_are_in_redis_before_the_answer() {
     );
     wh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_event_names_in_one_request_make_no_queues_and_no_connections() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let p = prefix("names");
+    let text = config(
+        Some(&redis.url),
+        &p,
+        "127.0.0.1:0",
+        &app("app-1", &pusher_endpoint(&rx.url("hook"))),
+    );
+    let wh = Running::start(&text, Mode::All).await;
+    // Warm up: one event through, so every connection the process keeps is open.
+    let (status, _) = post_events(
+        &wh.ingest,
+        "app-1",
+        Some("app-1-token"),
+        json!({"name": "warm-up"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 202);
+    rx.wait_for("hook", 1, Duration::from_secs(20)).await;
+    let clients_before = redis_clients(&redis);
+    let events: Vec<_> = (0..1000)
+        .map(|i| json!({"name": format!("custom.type-{i}"), "channel": "c"}))
+        .collect();
+    let (status, body) = post_events(
+        &wh.ingest,
+        "app-1",
+        Some("app-1-token"),
+        json!({ "events": events }).to_string(),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let got = rx.wait_for("hook", 1001, Duration::from_secs(60)).await;
+    let names: std::collections::HashSet<String> = got
+        .iter()
+        .map(|r| r.json()["events"][0]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names.len(), 1001, "every event delivered once");
+    assert_eq!(
+        redis_clients(&redis),
+        clients_before,
+        "no connection per event name"
+    );
+    let mut conn = redis.conn();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{p}*"))
+        .query(&mut conn)
+        .unwrap();
+    assert!(
+        keys.len() < 20 && keys.iter().all(|k| !k.contains("custom.type")),
+        "{} keys: {keys:?}",
+        keys.len()
+    );
+    wh.shutdown().await;
+}
