@@ -533,7 +533,7 @@ async fn bad_plugins_stop_serve_before_any_job_is_taken() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("apps[0].plugins[0].plugin: no plugin \"p\" is defined"),
+        err.contains("apps[0].plugins[0].plugin: names no plugin defined under [plugins]"),
         "{err}"
     );
     // `config check` loads plugins too.
