@@ -385,7 +385,7 @@ fn build_plugins(
     }
     let cache_dir = match wasm.cache_dir.as_str() {
         "" => None,
-        "auto" => user_cache_dir(),
+        "auto" => user_cache_dir(|var| std::env::var_os(var)),
         dir => Some(std::path::PathBuf::from(dir)),
     };
     let engine = EngineSettings {
@@ -405,9 +405,11 @@ fn build_plugins(
 
 /// `$XDG_CACHE_HOME/wasmhook`, else `$HOME/.cache/wasmhook` (absolute paths
 /// only); never a directory other users share, such as the temp directory.
-fn user_cache_dir() -> Option<std::path::PathBuf> {
+pub(super) fn user_cache_dir(
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Option<std::path::PathBuf> {
     let absolute = |var: &str| {
-        std::env::var_os(var)
+        env(var)
             .map(std::path::PathBuf::from)
             .filter(|p| p.is_absolute())
     };

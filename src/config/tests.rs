@@ -486,3 +486,32 @@ fn a_value_with_a_comma_and_expected_in_it_is_still_left_out() {
     );
     assert_eq!(super::without_value("something s3cret"), "invalid value");
 }
+
+#[test]
+fn the_automatic_plugin_cache_is_per_user_or_none() {
+    use std::path::PathBuf;
+    let dir = |vars: &[(&str, &str)]| {
+        let vars: Vec<(String, std::ffi::OsString)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.into()))
+            .collect();
+        super::settings::user_cache_dir(|name| {
+            vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+    };
+    assert_eq!(
+        dir(&[("XDG_CACHE_HOME", "/x/cache"), ("HOME", "/home/u")]),
+        Some(PathBuf::from("/x/cache/wasmhook"))
+    );
+    assert_eq!(
+        dir(&[("HOME", "/home/u")]),
+        Some(PathBuf::from("/home/u/.cache/wasmhook"))
+    );
+    assert_eq!(
+        dir(&[("XDG_CACHE_HOME", "relative"), ("HOME", "/home/u")]),
+        Some(PathBuf::from("/home/u/.cache/wasmhook"))
+    );
+    // Never a shared directory such as the temp directory.
+    assert_eq!(dir(&[]), None);
+    assert_eq!(dir(&[("HOME", "")]), None);
+}
