@@ -533,7 +533,7 @@ async fn bad_plugins_stop_serve_before_any_job_is_taken() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("apps[0].plugins[0].plugin: no plugin \"p\" is defined"),
+        err.contains("apps[0].plugins[0].plugin: names no plugin defined under [plugins]"),
         "{err}"
     );
     // `config check` loads plugins too.
@@ -651,6 +651,12 @@ async fn plugin_test_inspect_and_new_work_from_the_command_line() {
 async fn compiled_plugins_are_cached_on_disk_and_a_bad_cache_entry_is_ignored() {
     use wasmhook::plugin::{EngineSettings, FailurePolicy, Limits, PluginEngine};
     let cache = tempfile::tempdir().unwrap();
+    // The cache is used only when private to this user.
+    std::fs::set_permissions(
+        cache.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
     let settings = EngineSettings {
         cache_dir: Some(cache.path().to_path_buf()),
         max_instances: 4,
@@ -720,6 +726,113 @@ async fn compiled_plugins_are_cached_on_disk_and_a_bad_cache_entry_is_ignored() 
         .unwrap();
     assert_eq!(p.hash, first.hash);
     assert!(std::fs::metadata(&files[0]).unwrap().len() > 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_log_call_is_one_line_whatever_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let event = dir.path().join("event.json");
+    std::fs::write(&event, json!({"name": "client_event"}).to_string()).unwrap();
+    let forged = "first-MARK\n2026-01-01T00:00:00Z ERROR wasmhook: forged-MARK\r\u{1b}[2K\u{2028}\u{85}end-MARK";
+    let escaped = "first-MARK\\n2026-01-01T00:00:00Z ERROR wasmhook: forged-MARK\\r\\u{1b}[2K\\u{2028}\\u{85}end-MARK";
+    for format in ["pretty", "json"] {
+        let out = tokio::process::Command::new(binary())
+            .args(["--log-format", format, "plugin", "test"])
+            .arg(plugin("add-field"))
+            .arg("--event")
+            .arg(&event)
+            .arg("--config")
+            .arg(format!("log={forged}"))
+            .env("RUST_LOG", "info")
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let lines: Vec<&str> = err.lines().filter(|l| l.contains("MARK")).collect();
+        assert_eq!(lines.len(), 1, "{format}: one call, one line:\n{err}");
+        assert!(
+            !err.contains(['\u{1b}', '\r', '\u{2028}', '\u{85}']),
+            "{format}: {err:?}"
+        );
+        if format == "json" {
+            let line: Value = serde_json::from_str(lines[0]).unwrap();
+            assert_eq!(line["message"], escaped, "{line}");
+            assert_eq!(line["plugin"], "test");
+        } else {
+            assert!(lines[0].contains(escaped), "{err}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_artifact_of_another_plugin_is_not_run() {
+    use wasmhook::pipeline::Decision;
+    use wasmhook::plugin::{EngineSettings, FailurePolicy, Limits, PluginEngine, PluginInput};
+    let cache = tempfile::tempdir().unwrap();
+    // The cache is used only when private to this user.
+    std::fs::set_permissions(
+        cache.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let settings = EngineSettings {
+        cache_dir: Some(cache.path().to_path_buf()),
+        max_instances: 4,
+        warm_instances: 0,
+        max_memory: 32 << 20,
+        fuel: false,
+        ..Default::default()
+    };
+    let limits = Limits {
+        deadline: Duration::from_secs(10),
+        fuel: None,
+        max_memory: 32 << 20,
+        max_output: 1 << 20,
+        max_reuse: 1,
+    };
+    let artifact_of = |hash: &str| {
+        std::fs::read_dir(cache.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with(hash))
+            .expect("an artifact")
+    };
+    let engine = PluginEngine::new(&settings).unwrap();
+    let load = |engine: &PluginEngine, name: &str| {
+        engine
+            .load(name, &plugin(name), limits.clone(), FailurePolicy::Fail)
+            .unwrap()
+    };
+    let own = artifact_of(&load(&engine, "add-field").hash);
+    let other = artifact_of(&load(&engine, "add-header").hash);
+
+    // add-header's artifact, tagged by this very cache, under add-field's
+    // name: its tag is bound to add-header's bytes, so it is not loaded.
+    std::fs::copy(&other, &own).unwrap();
+    let engine = PluginEngine::new(&settings).unwrap();
+    let tag = load(&engine, "add-field");
+    let event =
+        wasmhook::event::Event::from_json(json!({"name": "client_event", "channel": "c"})).unwrap();
+    let input = PluginInput {
+        id: "msg_1",
+        app_id: "app-1",
+        event: &event,
+        headers: &[],
+        metadata: &[],
+        attempt: 1,
+        endpoint: None,
+        endpoints: 1,
+    };
+    match tag.call(&input, &[]).await.decision.unwrap() {
+        Decision::Transform(m) => assert_eq!(m.event.fields["added_by"], "add-field"),
+        other => panic!("expected add-field's transform, got {other:?}"),
+    }
+    assert_ne!(
+        std::fs::read(&own).unwrap(),
+        std::fs::read(&other).unwrap(),
+        "the planted artifact was overwritten"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

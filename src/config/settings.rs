@@ -154,11 +154,12 @@ pub(super) fn build(
     let (wasm, plugins) = build_plugins(&mut c, &raw.wasm, &raw.plugins, base_dir);
 
     if let Some(url) = &raw.redis.url
-        && let Err(e) = redis::Client::open(url.as_str())
+        && redis::Client::open(url.as_str()).is_err()
     {
+        // The URL may hold a password, and the parser's detail may quote it.
         c.fail(
             "redis.url",
-            format!("not a Redis URL: {}", e.detail().unwrap_or("unparseable")),
+            "not a Redis URL: expected redis://[user:password@]host[:port][/db], rediss://... or unix:///path",
         );
     }
     if raw.redis.prefix.is_empty() || raw.redis.prefix.contains(['{', '}']) {
@@ -269,7 +270,7 @@ pub(super) fn build(
         if !app_ids.insert(a.id.clone()) {
             c.fail(
                 format!("{path}.id"),
-                format!("app id {:?} is used twice", a.id),
+                "the same id as an earlier app: each app needs its own",
             );
         }
         let app = build_app(&mut c, &path, a, &raw, &retry, &plugins);
@@ -481,13 +482,7 @@ fn build_plugins(
     }
     let cache_dir = match wasm.cache_dir.as_str() {
         "" => None,
-        "auto" => std::env::var_os("XDG_CACHE_HOME")
-            .map(std::path::PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache"))
-            })
-            .map(|d| d.join("wasmhook"))
-            .or_else(|| Some(std::env::temp_dir().join("wasmhook-cache"))),
+        "auto" => user_cache_dir(|var| std::env::var_os(var)),
         dir => Some(std::path::PathBuf::from(dir)),
     };
     let engine = EngineSettings {
@@ -511,6 +506,27 @@ fn build_plugins(
     (engine, specs)
 }
 
+/// `$XDG_CACHE_HOME/wasmhook`, else `$HOME/.cache/wasmhook` (absolute paths
+/// only); never a directory other users share, such as the temp directory.
+pub(super) fn user_cache_dir(
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Option<std::path::PathBuf> {
+    let absolute = |var: &str| {
+        env(var)
+            .map(std::path::PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
+    let dir = absolute("XDG_CACHE_HOME")
+        .or_else(|| absolute("HOME").map(|h| h.join(".cache")))
+        .map(|d| d.join("wasmhook"));
+    if dir.is_none() {
+        tracing::debug!(
+            "wasm.cache_dir = \"auto\" and neither XDG_CACHE_HOME nor HOME is set: plugins are compiled on every start"
+        );
+    }
+    dir
+}
+
 fn build_chain(
     c: &mut Check,
     path: &str,
@@ -522,7 +538,7 @@ fn build_chain(
         if !plugins.iter().any(|p| p.name == r.plugin) {
             c.fail(
                 format!("{path}[{i}].plugin"),
-                format!("no plugin {:?} is defined under [plugins]", r.plugin),
+                "names no plugin defined under [plugins]",
             );
             continue;
         }
@@ -582,10 +598,7 @@ fn build_app(
             if !ids.insert(e.id.clone()) {
                 c.fail(
                     format!("{wpath}.id"),
-                    format!(
-                        "endpoint id {:?} is used twice in this app; give each an explicit `id`",
-                        e.id
-                    ),
+                    "the same endpoint id as an earlier endpoint of this app; give each an explicit `id`",
                 );
             }
             endpoints.push(Arc::new(e));

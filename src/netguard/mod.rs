@@ -290,7 +290,8 @@ impl NetGuard {
             .map(|n| n.trunc())
             .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
             .map_err(|_| {
-                format!("{text:?} is not a network: write it in CIDR form, e.g. \"10.1.0.0/16\"")
+                "not a network: write it in CIDR form (e.g. \"10.1.0.0/16\") or as one address"
+                    .to_string()
             })
     }
 

@@ -114,14 +114,9 @@ impl log::Host for State {
         if self.logged > LOG_LINES {
             return;
         }
-        let mut message = message;
-        if message.len() > LOG_LINE_CAP {
-            let mut cut = LOG_LINE_CAP;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
+        // One call, one line: control characters are escaped (a guest could
+        // otherwise forge log lines or drive the terminal), within the cap.
+        let message = crate::telemetry::one_line(&message, LOG_LINE_CAP);
         let (plugin, app) = (&*self.plugin, &*self.app);
         match level {
             log::Level::Trace => {

@@ -562,6 +562,9 @@ pub fn plugin(name: &str) -> PathBuf {
 /// `[wasm]` for tests: a compile cache shared by the test run, fast file watching.
 pub fn wasm_section(extra: &str) -> String {
     let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache");
+    // The cache is used only when private to this user.
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::set_permissions(&cache, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     format!(
         "\n[wasm]\ncache_dir = \"{}\"\nwatch_interval = \"100ms\"\n{extra}\n",
         cache.display()
