@@ -24,6 +24,38 @@ async fn send(ingest: &str, app: &str, event: Value) -> String {
     body["ids"][0].as_str().unwrap().to_string()
 }
 
+/// Limits for calling a plugin straight on an engine.
+fn test_limits(deadline: Duration, max_reuse: u32) -> wasmhook::plugin::Limits {
+    wasmhook::plugin::Limits {
+        deadline,
+        fuel: None,
+        max_memory: 32 << 20,
+        max_output: 1 << 20,
+        max_reuse,
+    }
+}
+
+fn client_event() -> wasmhook::event::Event {
+    wasmhook::event::Event::from_json(json!({"name": "client_event", "channel": "c"})).unwrap()
+}
+
+/// A plugin call's input: `event` of `app`, first attempt, app chain.
+fn test_input<'a>(
+    app: &'a str,
+    event: &'a wasmhook::event::Event,
+) -> wasmhook::plugin::PluginInput<'a> {
+    wasmhook::plugin::PluginInput {
+        id: "msg_1",
+        app_id: app,
+        event,
+        headers: &[],
+        metadata: &[],
+        attempt: 1,
+        endpoint: None,
+        endpoints: 1,
+    }
+}
+
 fn event_of(r: &Received) -> Value {
     let body = r.json();
     if body.get("events").is_some() {
@@ -649,7 +681,7 @@ async fn plugin_test_inspect_and_new_work_from_the_command_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compiled_plugins_are_cached_on_disk_and_a_bad_cache_entry_is_ignored() {
-    use wasmhook::plugin::{EngineSettings, FailurePolicy, Limits, PluginEngine};
+    use wasmhook::plugin::{EngineSettings, FailurePolicy, PluginEngine};
     let cache = tempfile::tempdir().unwrap();
     // The cache is used only when private to this user.
     std::fs::set_permissions(
@@ -665,13 +697,7 @@ async fn compiled_plugins_are_cached_on_disk_and_a_bad_cache_entry_is_ignored() 
         fuel: false,
         ..Default::default()
     };
-    let limits = Limits {
-        deadline: Duration::from_millis(50),
-        fuel: None,
-        max_memory: 32 << 20,
-        max_output: 1 << 20,
-        max_reuse: 1,
-    };
+    let limits = test_limits(Duration::from_millis(50), 1);
     let cached = || {
         std::fs::read_dir(cache.path())
             .unwrap()
@@ -768,7 +794,7 @@ async fn a_plugin_log_call_is_one_line_whatever_it_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planted_artifact_of_another_plugin_is_not_run() {
     use wasmhook::pipeline::Decision;
-    use wasmhook::plugin::{EngineSettings, FailurePolicy, Limits, PluginEngine, PluginInput};
+    use wasmhook::plugin::{EngineSettings, FailurePolicy, PluginEngine};
     let cache = tempfile::tempdir().unwrap();
     // The cache is used only when private to this user.
     std::fs::set_permissions(
@@ -784,13 +810,7 @@ async fn a_planted_artifact_of_another_plugin_is_not_run() {
         fuel: false,
         ..Default::default()
     };
-    let limits = Limits {
-        deadline: Duration::from_secs(10),
-        fuel: None,
-        max_memory: 32 << 20,
-        max_output: 1 << 20,
-        max_reuse: 1,
-    };
+    let limits = test_limits(Duration::from_secs(10), 1);
     let artifact_of = |hash: &str| {
         std::fs::read_dir(cache.path())
             .unwrap()
@@ -812,18 +832,8 @@ async fn a_planted_artifact_of_another_plugin_is_not_run() {
     std::fs::copy(&other, &own).unwrap();
     let engine = PluginEngine::new(&settings).unwrap();
     let tag = load(&engine, "add-field");
-    let event =
-        wasmhook::event::Event::from_json(json!({"name": "client_event", "channel": "c"})).unwrap();
-    let input = PluginInput {
-        id: "msg_1",
-        app_id: "app-1",
-        event: &event,
-        headers: &[],
-        metadata: &[],
-        attempt: 1,
-        endpoint: None,
-        endpoints: 1,
-    };
+    let event = client_event();
+    let input = test_input("app-1", &event);
     match tag.call(&input, &[]).await.decision.unwrap() {
         Decision::Transform(m) => assert_eq!(m.event.fields["added_by"], "add-field"),
         other => panic!("expected add-field's transform, got {other:?}"),
@@ -915,9 +925,7 @@ async fn sighup_reloads_apps_and_plugins_and_rejects_a_bad_config() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fuel_budget_stops_a_plugin_deterministically() {
-    use wasmhook::plugin::{
-        EngineSettings, FailurePolicy, Limits, PluginEngine, PluginFailure, PluginInput,
-    };
+    use wasmhook::plugin::{EngineSettings, FailurePolicy, Limits, PluginEngine, PluginFailure};
     let engine = PluginEngine::new(&EngineSettings {
         cache_dir: None,
         max_instances: 4,
@@ -928,24 +936,11 @@ async fn a_fuel_budget_stops_a_plugin_deterministically() {
     })
     .unwrap();
     let limits = |fuel| Limits {
-        deadline: Duration::from_secs(10),
         fuel: Some(fuel),
-        max_memory: 32 << 20,
-        max_output: 1 << 20,
-        max_reuse: 100,
+        ..test_limits(Duration::from_secs(10), 100)
     };
-    let event =
-        wasmhook::event::Event::from_json(json!({"name": "client_event", "channel": "c"})).unwrap();
-    let input = PluginInput {
-        id: "msg_1",
-        app_id: "app-1",
-        event: &event,
-        headers: &[],
-        metadata: &[],
-        attempt: 1,
-        endpoint: None,
-        endpoints: 1,
-    };
+    let event = client_event();
+    let input = test_input("app-1", &event);
     let looping = engine
         .load(
             "loop",
@@ -998,18 +993,8 @@ async fn calls_seen(
     config: &[(String, String)],
 ) -> Result<u64, wasmhook::plugin::PluginFailure> {
     use wasmhook::pipeline::Decision;
-    let event =
-        wasmhook::event::Event::from_json(json!({"name": "client_event", "channel": "c"})).unwrap();
-    let input = wasmhook::plugin::PluginInput {
-        id: "msg_1",
-        app_id: app,
-        event: &event,
-        headers: &[],
-        metadata: &[],
-        attempt: 1,
-        endpoint: None,
-        endpoints: 1,
-    };
+    let event = client_event();
+    let input = test_input(app, &event);
     match plugin.call(&input, config).await.decision? {
         Decision::Transform(m) => Ok(m.event.fields["calls"].as_u64().unwrap()),
         other => panic!("expected a transform, got {other:?}"),
@@ -1018,7 +1003,7 @@ async fn calls_seen(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_instances_serve_one_app_only_and_are_retired_when_they_must_be() {
-    use wasmhook::plugin::{EngineSettings, FailurePolicy, Limits, PluginEngine, PluginFailure};
+    use wasmhook::plugin::{EngineSettings, FailurePolicy, PluginEngine, PluginFailure};
     let engine = |warm| {
         PluginEngine::new(&EngineSettings {
             cache_dir: None,
@@ -1030,13 +1015,7 @@ async fn warm_instances_serve_one_app_only_and_are_retired_when_they_must_be() {
         })
         .unwrap()
     };
-    let limits = |max_reuse| Limits {
-        deadline: Duration::from_secs(10),
-        fuel: None,
-        max_memory: 32 << 20,
-        max_output: 1 << 20,
-        max_reuse,
-    };
+    let limits = |max_reuse| test_limits(Duration::from_secs(10), max_reuse);
     let cfg = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
         pairs
             .iter()
@@ -1159,16 +1138,10 @@ fn wat_component(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_component_over_the_per_plugin_caps_is_refused_and_other_apps_keep_delivering() {
-    use wasmhook::plugin::{EngineSettings, FailurePolicy, Limits, LoadError, PluginEngine};
+    use wasmhook::plugin::{EngineSettings, FailurePolicy, LoadError, PluginEngine};
     let dir = tempfile::tempdir().unwrap();
     let engine = PluginEngine::new(&EngineSettings::default()).unwrap();
-    let limits = Limits {
-        deadline: Duration::from_secs(1),
-        fuel: None,
-        max_memory: 32 << 20,
-        max_output: 1 << 20,
-        max_reuse: 1,
-    };
+    let limits = test_limits(Duration::from_secs(1), 1);
     for (name, why) in [
         ("many-instances", "64 core module instances"),
         ("many-memories", "16 Wasm linear memories"),
@@ -1236,32 +1209,14 @@ async fn a_component_over_the_per_plugin_caps_is_refused_and_other_apps_keep_del
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_blocked_in_a_clock_call_is_stopped_at_its_deadline() {
-    use wasmhook::plugin::{
-        EngineSettings, FailurePolicy, Limits, PluginEngine, PluginFailure, PluginInput,
-    };
+    use wasmhook::plugin::{EngineSettings, FailurePolicy, PluginEngine, PluginFailure};
     let engine = PluginEngine::new(&EngineSettings::default()).unwrap();
-    let limits = Limits {
-        deadline: Duration::from_millis(100),
-        fuel: None,
-        max_memory: 32 << 20,
-        max_output: 1 << 20,
-        max_reuse: 100,
-    };
+    let limits = test_limits(Duration::from_millis(100), 100);
     let sleeper = engine
         .load("sleeper", &plugin("sleeper"), limits, FailurePolicy::Fail)
         .unwrap();
-    let event =
-        wasmhook::event::Event::from_json(json!({"name": "client_event", "channel": "c"})).unwrap();
-    let input = PluginInput {
-        id: "msg_1",
-        app_id: "app-1",
-        event: &event,
-        headers: &[],
-        metadata: &[],
-        attempt: 1,
-        endpoint: None,
-        endpoints: 1,
-    };
+    let event = client_event();
+    let input = test_input("app-1", &event);
     let config = vec![("ms".to_string(), "3000".to_string())];
     let called = sleeper.call(&input, &config).await;
     assert_eq!(
