@@ -48,7 +48,9 @@ use tokio_util::sync::CancellationToken;
 #[path = "support/mod.rs"]
 mod support;
 
-use support::{Machine, box_load, cleanup, leading_time_ms, machine_summary, toml_str};
+use support::{
+    Machine, allow_loopback, box_load, cleanup, leading_time_ms, machine_summary, toml_str,
+};
 use wasmhook::config::Settings;
 use wasmhook::event::{Event, Job, now_ms};
 use wasmhook::queue::Queue;
@@ -500,6 +502,7 @@ async fn measure_plugin(settings: &Settings, args: &Args, calls: u32) -> anyhow:
         metadata: &[],
         attempt: 1,
         endpoint: None,
+        endpoints: 1,
     };
     for (label, max_reuse) in [
         ("fresh instance + call", 1),
@@ -589,7 +592,7 @@ concurrency = {concurrency}
         concurrency = args.concurrency,
         plugin = plugin_toml(args)?,
     );
-    wasmhook::config::load_from(None, Some(&text), std::iter::empty())
+    wasmhook::config::load_from(None, Some(&text), allow_loopback())
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 

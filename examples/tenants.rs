@@ -48,7 +48,7 @@ use tokio_util::task::AbortOnDropHandle;
 #[path = "support/mod.rs"]
 mod support;
 
-use support::{box_load, cleanup, leading_time_ms, machine_summary, toml_str};
+use support::{allow_loopback, box_load, cleanup, leading_time_ms, machine_summary, toml_str};
 use wasmhook::config::Settings;
 use wasmhook::event::now_ms;
 use wasmhook::producer::Producer;
@@ -928,7 +928,7 @@ fn build_settings(
             toml_str(url)
         )?;
     }
-    wasmhook::config::load_from(None, Some(&text), std::iter::empty()).map_err(|e| anyhow!("{e}"))
+    wasmhook::config::load_from(None, Some(&text), allow_loopback()).map_err(|e| anyhow!("{e}"))
 }
 
 // ---------------------------------------------------------------------------

@@ -24,13 +24,16 @@ impl Secret {
         &self.0
     }
 
-    /// Compares without an early exit, so timing does not tell how much matched.
+    /// Compares the SHA-256 digests of both in constant time, so timing tells
+    /// neither how much matched nor how long the secret is.
     pub fn matches(&self, candidate: &str) -> bool {
-        let (a, b) = (self.0.as_bytes(), candidate.as_bytes());
-        if a.len() != b.len() {
-            return false;
-        }
-        a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        use sha2::{Digest, Sha256};
+        use subtle::ConstantTimeEq;
+        let (a, b) = (
+            Sha256::digest(self.0.as_bytes()),
+            Sha256::digest(candidate.as_bytes()),
+        );
+        a.as_slice().ct_eq(b.as_slice()).into()
     }
 }
 
@@ -160,5 +163,20 @@ impl Apps {
 
     pub fn is_empty(&self) -> bool {
         self.by_id.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Secret;
+
+    #[test]
+    fn a_secret_matches_only_itself() {
+        let s = Secret::new("token-1");
+        assert!(s.matches("token-1"));
+        for other in ["", "token-", "token-2", "token-10", "TOKEN-1"] {
+            assert!(!s.matches(other), "{other}");
+        }
+        assert_eq!(format!("{s:?}"), "Secret(***)");
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! The flow, module by module (ARCHITECTURE.md has the long form):
 //! [`ingest`] → [`queue`] → [`worker`] ([`scheduler`]) → [`pipeline`] → [`signing`] →
-//! [`delivery`]; [`breaker`] and [`ratelimit`] guard endpoints.
+//! [`delivery`]; [`breaker`] and [`ratelimit`] guard endpoints; [`netguard`]
+//! keeps deliveries off internal networks.
 
 pub mod app;
 pub mod breaker;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod delivery;
 pub mod event;
 pub mod ingest;
+pub mod netguard;
 pub mod pipeline;
 pub mod plugin;
 pub mod producer;

@@ -675,3 +675,75 @@ async fn a_job_taken_but_never_committed_is_handed_out_again_after_the_lease() {
     assert_eq!(q.stats().await.unwrap().get("delivered"), None);
     assert_eq!(q.depth().await.unwrap().in_flight, 1);
 }
+
+/// A stage with a bug: it panics on events named `boom`.
+struct PanicsOnBoom;
+
+impl wasmhook::pipeline::Stage for PanicsOnBoom {
+    fn name(&self) -> &str {
+        "panics-on-boom"
+    }
+
+    fn decide<'a>(
+        &'a self,
+        _app: &'a wasmhook::app::App,
+        job: &'a Job,
+    ) -> wasmhook::pipeline::StageFuture<'a> {
+        Box::pin(async move {
+            if job.event.name == "boom" {
+                panic!("stage bug on {}", job.id);
+            }
+            Ok(wasmhook::pipeline::Decision::Keep)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_task_panics_is_dead_lettered_after_its_retries_not_redelivered_forever() {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let text = config(
+        Some(&redis.url),
+        &prefix("panic"),
+        "127.0.0.1:0",
+        &app("app-1", &pusher_endpoint(&rx.url("hook"))),
+    );
+    let settings = Arc::new(settings(&text));
+    let queue = wasmhook::service::open_queue(&settings).unwrap();
+    let stages: wasmhook::pipeline::Chain = vec![Arc::new(PanicsOnBoom)];
+    let pipeline = wasmhook::pipeline::Pipeline::new(
+        HashMap::from([("app-1".to_string(), stages)]),
+        HashMap::new(),
+    );
+    let ctx = Arc::new(wasmhook::worker::Context::new(&settings, queue.clone(), pipeline).unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn(wasmhook::worker::run(settings.clone(), ctx, stop.clone()));
+    let event = |name: &str| Event::from_json(json!({"name": name, "channel": "c"})).unwrap();
+    let boom = Job::new("app-1", event("boom"), now_ms());
+    let fine = Job::new("app-1", event("fine"), now_ms());
+    queue.enqueue("app-1", &[boom.clone(), fine]).await.unwrap();
+
+    rx.wait_for("hook", 1, WAIT).await;
+    let letters = dead_letters(&queue, 1).await;
+    let letter = &letters[0].1;
+    assert_eq!(letter.job.as_ref().unwrap().id, boom.id);
+    assert!(
+        letter.reason.contains("panicked") && letter.reason.contains("stage bug on"),
+        "{}",
+        letter.reason
+    );
+    assert_eq!(
+        letter.attempts, 3,
+        "the retry schedule, then the dead letter"
+    );
+    // Nothing comes back: the queue is empty and stays so.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let depth = queue.depth().await.unwrap();
+    assert_eq!(depth.ready + depth.in_flight + depth.delayed, 0);
+    assert_eq!(queue.dead_letters(100).await.unwrap().len(), 1);
+    assert_eq!(rx.arrived("hook"), 1);
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+}

@@ -76,7 +76,14 @@ async fn every_bad_request_gets_its_status_and_enqueues_nothing() {
             401,
             "unauthorized",
         ),
-        ("unknown app", "app-9", ok, good.clone(), 404, "unknown_app"),
+        (
+            "unknown app",
+            "app-9",
+            ok,
+            good.clone(),
+            401,
+            "unauthorized",
+        ),
         (
             "body over the limit",
             "app-1",
@@ -134,6 +141,77 @@ async fn every_bad_request_gets_its_status_and_enqueues_nothing() {
             .status(),
         200
     );
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_app_and_a_wrong_token_get_the_same_answer() {
+    let redis = RedisServer::start();
+    let text = config(
+        Some(&redis.url),
+        &prefix("probe"),
+        "127.0.0.1:0",
+        &app("app-1", ""),
+    );
+    let wh = Running::start(&text, Mode::Server).await;
+    wasmhook::delivery::install_crypto_provider();
+    let client = reqwest::Client::new();
+    let answer = async |app: &str, token: Option<&str>| {
+        let mut req = client
+            .post(format!("{}/v1/apps/{app}/events", wh.ingest))
+            .body(json!({"name": "client_event"}).to_string());
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let content_type = resp.headers()["content-type"].clone();
+        (status, content_type, resp.bytes().await.unwrap())
+    };
+    let wrong_token = answer("app-1", Some("app-1-token-x")).await;
+    assert_eq!(wrong_token.0, 401);
+    for (what, app_id, token) in [
+        ("unknown app, some token", "app-9", Some("app-1-token-x")),
+        (
+            "unknown app, a real app's token",
+            "app-9",
+            Some("app-1-token"),
+        ),
+        ("unknown app, no token", "app-9", None),
+        ("known app, no token", "app-1", None),
+        ("known app, empty token", "app-1", Some("")),
+    ] {
+        assert_eq!(answer(app_id, token).await, wrong_token, "{what}");
+    }
+    // With the right token it goes through.
+    assert_eq!(answer("app-1", Some("app-1-token")).await.0, 202);
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_echo_receiver_is_not_served_unless_enabled() {
+    let text = config(None, &prefix("echo"), "127.0.0.1:0", &app("app-1", ""));
+    wasmhook::delivery::install_crypto_provider();
+    let client = reqwest::Client::new();
+    let echo = async |ingest: &str| {
+        client
+            .post(format!("{ingest}/v1/echo"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let wh = Running::start(&text, Mode::All).await;
+    assert_eq!(echo(&wh.ingest).await, 404, "not with a config file");
+    wh.shutdown().await;
+    let wh = Running::start(
+        &text.replace("[server]\n", "[server]\necho = true\n"),
+        Mode::All,
+    )
+    .await;
+    assert_eq!(echo(&wh.ingest).await, 200, "when enabled");
     wh.shutdown().await;
 }
 
@@ -205,9 +283,29 @@ async fn an_idempotency_key_enqueues_once_and_replays_the_first_answer() {
     assert_eq!(queued(&q).await, 2, "nothing new enqueued");
 
     // Keys are per app.
-    let other = post("app-2", "order-17", batch).await.unwrap();
+    let other = post("app-2", "order-17", batch.clone()).await.unwrap();
     assert_eq!(other.status(), 202);
     assert_eq!(queued(&q).await, 4);
+
+    // The same key with another body: 422, nothing enqueued, and the key
+    // still answers its own request.
+    let changed = batch.replace("member_added", "member_removed");
+    let reused = post("app-1", "order-17", changed).await.unwrap();
+    assert_eq!(reused.status(), 422);
+    let reused: serde_json::Value = serde_json::from_slice(&reused.bytes().await.unwrap()).unwrap();
+    assert_eq!(reused["error"], "idempotency_key_reused");
+    assert!(
+        reused["message"]
+            .as_str()
+            .unwrap()
+            .contains("different request body"),
+        "{reused}"
+    );
+    assert_eq!(queued(&q).await, 4, "nothing enqueued");
+    let again = post("app-1", "order-17", batch).await.unwrap();
+    assert_eq!(again.status(), 202);
+    let again: serde_json::Value = serde_json::from_slice(&again.bytes().await.unwrap()).unwrap();
+    assert_eq!(again, first);
     wh.shutdown().await;
 }
 
@@ -264,6 +362,64 @@ async fn accepted_events_are_in_redis_before_the_answer() {
     assert!(
         keys.iter().all(|k| !k.contains("custom.type")),
         "no key per event type: {keys:?}"
+    );
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_event_names_in_one_request_make_no_queues_and_no_connections() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let p = prefix("names");
+    let text = config(
+        Some(&redis.url),
+        &p,
+        "127.0.0.1:0",
+        &app("app-1", &pusher_endpoint(&rx.url("hook"))),
+    );
+    let wh = Running::start(&text, Mode::All).await;
+    // Warm up: one event through, so every connection the process keeps is open.
+    let (status, _) = post_events(
+        &wh.ingest,
+        "app-1",
+        Some("app-1-token"),
+        json!({"name": "warm-up"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 202);
+    rx.wait_for("hook", 1, Duration::from_secs(20)).await;
+    let clients_before = redis_clients(&redis);
+    let events: Vec<_> = (0..1000)
+        .map(|i| json!({"name": format!("custom.type-{i}"), "channel": "c"}))
+        .collect();
+    let (status, body) = post_events(
+        &wh.ingest,
+        "app-1",
+        Some("app-1-token"),
+        json!({ "events": events }).to_string(),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let got = rx.wait_for("hook", 1001, Duration::from_secs(60)).await;
+    let names: std::collections::HashSet<String> = got
+        .iter()
+        .map(|r| r.json()["events"][0]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names.len(), 1001, "every event delivered once");
+    assert_eq!(
+        redis_clients(&redis),
+        clients_before,
+        "no connection per event name"
+    );
+    let mut conn = redis.conn();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{p}*"))
+        .query(&mut conn)
+        .unwrap();
+    assert!(
+        keys.len() < 20 && keys.iter().all(|k| !k.contains("custom.type")),
+        "{} keys: {keys:?}",
+        keys.len()
     );
     wh.shutdown().await;
 }

@@ -24,6 +24,38 @@ async fn send(ingest: &str, app: &str, event: Value) -> String {
     body["ids"][0].as_str().unwrap().to_string()
 }
 
+/// Limits for calling a plugin straight on an engine.
+fn test_limits(deadline: Duration, max_reuse: u32) -> wasmhook::plugin::Limits {
+    wasmhook::plugin::Limits {
+        deadline,
+        fuel: None,
+        max_memory: 32 << 20,
+        max_output: 1 << 20,
+        max_reuse,
+    }
+}
+
+fn client_event() -> wasmhook::event::Event {
+    wasmhook::event::Event::from_json(json!({"name": "client_event", "channel": "c"})).unwrap()
+}
+
+/// A plugin call's input: `event` of `app`, first attempt, app chain.
+fn test_input<'a>(
+    app: &'a str,
+    event: &'a wasmhook::event::Event,
+) -> wasmhook::plugin::PluginInput<'a> {
+    wasmhook::plugin::PluginInput {
+        id: "msg_1",
+        app_id: app,
+        event,
+        headers: &[],
+        metadata: &[],
+        attempt: 1,
+        endpoint: None,
+        endpoints: 1,
+    }
+}
+
 fn event_of(r: &Received) -> Value {
     let body = r.json();
     if body.get("events").is_some() {
@@ -533,7 +565,7 @@ async fn bad_plugins_stop_serve_before_any_job_is_taken() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("apps[0].plugins[0].plugin: no plugin \"p\" is defined"),
+        err.contains("apps[0].plugins[0].plugin: names no plugin defined under [plugins]"),
         "{err}"
     );
     // `config check` loads plugins too.
@@ -649,22 +681,23 @@ async fn plugin_test_inspect_and_new_work_from_the_command_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compiled_plugins_are_cached_on_disk_and_a_bad_cache_entry_is_ignored() {
-    use wasmhook::plugin::{EngineSettings, FailurePolicy, Limits, PluginEngine};
+    use wasmhook::plugin::{EngineSettings, FailurePolicy, PluginEngine};
     let cache = tempfile::tempdir().unwrap();
+    // The cache is used only when private to this user.
+    std::fs::set_permissions(
+        cache.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
     let settings = EngineSettings {
         cache_dir: Some(cache.path().to_path_buf()),
         max_instances: 4,
         warm_instances: 4,
         max_memory: 32 << 20,
         fuel: false,
+        ..Default::default()
     };
-    let limits = Limits {
-        deadline: Duration::from_millis(50),
-        fuel: None,
-        max_memory: 32 << 20,
-        max_output: 1 << 20,
-        max_reuse: 1,
-    };
+    let limits = test_limits(Duration::from_millis(50), 1);
     let cached = || {
         std::fs::read_dir(cache.path())
             .unwrap()
@@ -719,6 +752,97 @@ async fn compiled_plugins_are_cached_on_disk_and_a_bad_cache_entry_is_ignored() 
         .unwrap();
     assert_eq!(p.hash, first.hash);
     assert!(std::fs::metadata(&files[0]).unwrap().len() > 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_log_call_is_one_line_whatever_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let event = dir.path().join("event.json");
+    std::fs::write(&event, json!({"name": "client_event"}).to_string()).unwrap();
+    let forged = "first-MARK\n2026-01-01T00:00:00Z ERROR wasmhook: forged-MARK\r\u{1b}[2K\u{2028}\u{85}end-MARK";
+    let escaped = "first-MARK\\n2026-01-01T00:00:00Z ERROR wasmhook: forged-MARK\\r\\u{1b}[2K\\u{2028}\\u{85}end-MARK";
+    for format in ["pretty", "json"] {
+        let out = tokio::process::Command::new(binary())
+            .args(["--log-format", format, "plugin", "test"])
+            .arg(plugin("add-field"))
+            .arg("--event")
+            .arg(&event)
+            .arg("--config")
+            .arg(format!("log={forged}"))
+            .env("RUST_LOG", "info")
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let lines: Vec<&str> = err.lines().filter(|l| l.contains("MARK")).collect();
+        assert_eq!(lines.len(), 1, "{format}: one call, one line:\n{err}");
+        assert!(
+            !err.contains(['\u{1b}', '\r', '\u{2028}', '\u{85}']),
+            "{format}: {err:?}"
+        );
+        if format == "json" {
+            let line: Value = serde_json::from_str(lines[0]).unwrap();
+            assert_eq!(line["message"], escaped, "{line}");
+            assert_eq!(line["plugin"], "test");
+        } else {
+            assert!(lines[0].contains(escaped), "{err}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_artifact_of_another_plugin_is_not_run() {
+    use wasmhook::pipeline::Decision;
+    use wasmhook::plugin::{EngineSettings, FailurePolicy, PluginEngine};
+    let cache = tempfile::tempdir().unwrap();
+    // The cache is used only when private to this user.
+    std::fs::set_permissions(
+        cache.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let settings = EngineSettings {
+        cache_dir: Some(cache.path().to_path_buf()),
+        max_instances: 4,
+        warm_instances: 0,
+        max_memory: 32 << 20,
+        fuel: false,
+        ..Default::default()
+    };
+    let limits = test_limits(Duration::from_secs(10), 1);
+    let artifact_of = |hash: &str| {
+        std::fs::read_dir(cache.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with(hash))
+            .expect("an artifact")
+    };
+    let engine = PluginEngine::new(&settings).unwrap();
+    let load = |engine: &PluginEngine, name: &str| {
+        engine
+            .load(name, &plugin(name), limits.clone(), FailurePolicy::Fail)
+            .unwrap()
+    };
+    let own = artifact_of(&load(&engine, "add-field").hash);
+    let other = artifact_of(&load(&engine, "add-header").hash);
+
+    // add-header's artifact, tagged by this very cache, under add-field's
+    // name: its tag is bound to add-header's bytes, so it is not loaded.
+    std::fs::copy(&other, &own).unwrap();
+    let engine = PluginEngine::new(&settings).unwrap();
+    let tag = load(&engine, "add-field");
+    let event = client_event();
+    let input = test_input("app-1", &event);
+    match tag.call(&input, &[]).await.decision.unwrap() {
+        Decision::Transform(m) => assert_eq!(m.event.fields["added_by"], "add-field"),
+        other => panic!("expected add-field's transform, got {other:?}"),
+    }
+    assert_ne!(
+        std::fs::read(&own).unwrap(),
+        std::fs::read(&other).unwrap(),
+        "the planted artifact was overwritten"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -801,35 +925,22 @@ async fn sighup_reloads_apps_and_plugins_and_rejects_a_bad_config() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fuel_budget_stops_a_plugin_deterministically() {
-    use wasmhook::plugin::{
-        EngineSettings, FailurePolicy, Limits, PluginEngine, PluginFailure, PluginInput,
-    };
+    use wasmhook::plugin::{EngineSettings, FailurePolicy, Limits, PluginEngine, PluginFailure};
     let engine = PluginEngine::new(&EngineSettings {
         cache_dir: None,
         max_instances: 4,
         warm_instances: 4,
         max_memory: 32 << 20,
         fuel: true,
+        ..Default::default()
     })
     .unwrap();
     let limits = |fuel| Limits {
-        deadline: Duration::from_secs(10),
         fuel: Some(fuel),
-        max_memory: 32 << 20,
-        max_output: 1 << 20,
-        max_reuse: 100,
+        ..test_limits(Duration::from_secs(10), 100)
     };
-    let event =
-        wasmhook::event::Event::from_json(json!({"name": "client_event", "channel": "c"})).unwrap();
-    let input = PluginInput {
-        id: "msg_1",
-        app_id: "app-1",
-        event: &event,
-        headers: &[],
-        metadata: &[],
-        attempt: 1,
-        endpoint: None,
-    };
+    let event = client_event();
+    let input = test_input("app-1", &event);
     let looping = engine
         .load(
             "loop",
@@ -882,17 +993,8 @@ async fn calls_seen(
     config: &[(String, String)],
 ) -> Result<u64, wasmhook::plugin::PluginFailure> {
     use wasmhook::pipeline::Decision;
-    let event =
-        wasmhook::event::Event::from_json(json!({"name": "client_event", "channel": "c"})).unwrap();
-    let input = wasmhook::plugin::PluginInput {
-        id: "msg_1",
-        app_id: app,
-        event: &event,
-        headers: &[],
-        metadata: &[],
-        attempt: 1,
-        endpoint: None,
-    };
+    let event = client_event();
+    let input = test_input(app, &event);
     match plugin.call(&input, config).await.decision? {
         Decision::Transform(m) => Ok(m.event.fields["calls"].as_u64().unwrap()),
         other => panic!("expected a transform, got {other:?}"),
@@ -901,7 +1003,7 @@ async fn calls_seen(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_instances_serve_one_app_only_and_are_retired_when_they_must_be() {
-    use wasmhook::plugin::{EngineSettings, FailurePolicy, Limits, PluginEngine, PluginFailure};
+    use wasmhook::plugin::{EngineSettings, FailurePolicy, PluginEngine, PluginFailure};
     let engine = |warm| {
         PluginEngine::new(&EngineSettings {
             cache_dir: None,
@@ -909,16 +1011,11 @@ async fn warm_instances_serve_one_app_only_and_are_retired_when_they_must_be() {
             warm_instances: warm,
             max_memory: 32 << 20,
             fuel: false,
+            ..Default::default()
         })
         .unwrap()
     };
-    let limits = |max_reuse| Limits {
-        deadline: Duration::from_secs(10),
-        fuel: None,
-        max_memory: 32 << 20,
-        max_output: 1 << 20,
-        max_reuse,
-    };
+    let limits = |max_reuse| test_limits(Duration::from_secs(10), max_reuse);
     let cfg = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
         pairs
             .iter()
@@ -1028,4 +1125,284 @@ fn the_plugin_kits_own_unit_tests_pass() {
         "only {passed} plugin-kit tests ran:\n{stdout}"
     );
     assert_eq!(ignored, 0, "no plugin-kit test may be skipped:\n{stdout}");
+}
+
+/// A test component written in WAT (`plugins/testing/NAME.wat`), as a
+/// binary component file in `dir`.
+fn wat_component(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let bytes = wat::parse_file(plugins_dir().join(format!("testing/{name}.wat"))).unwrap();
+    let path = dir.join(format!("{name}.wasm"));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_over_the_per_plugin_caps_is_refused_and_other_apps_keep_delivering() {
+    use wasmhook::plugin::{EngineSettings, FailurePolicy, LoadError, PluginEngine};
+    let dir = tempfile::tempdir().unwrap();
+    let engine = PluginEngine::new(&EngineSettings::default()).unwrap();
+    let limits = test_limits(Duration::from_secs(1), 1);
+    for (name, why) in [
+        ("many-instances", "64 core module instances"),
+        ("many-memories", "16 Wasm linear memories"),
+    ] {
+        let path = wat_component(dir.path(), name);
+        match engine.load(name, &path, limits.clone(), FailurePolicy::Fail) {
+            Err(e @ LoadError::OverLimits { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains(why), "{text}");
+                assert!(text.contains("more than a plugin may hold"), "{text}");
+            }
+            Err(other) => panic!("{name}: refused for another reason: {other}"),
+            Ok(_) => panic!("{name} was loaded"),
+        }
+    }
+
+    // Swapped in for a running plugin: refused, the old version keeps
+    // running, and another app's plugin is not disturbed.
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let hostile = dir.path().join("hostile.wasm");
+    std::fs::copy(plugin("add-header"), &hostile).unwrap();
+    let apps = app_with_chain(
+        "hostile",
+        r#"[{ plugin = "h" }]"#,
+        &pusher_endpoint(&rx.url("hostile")),
+    ) + &app_with_chain(
+        "calm",
+        r#"[{ plugin = "c" }]"#,
+        &pusher_endpoint(&rx.url("calm")),
+    );
+    let text = config(Some(&redis.url), &prefix("caps"), "127.0.0.1:0", &apps)
+        + &wasm_section("")
+        + &plugin_def("h", &hostile, "")
+        + &plugin_def("c", &plugin("add-header"), "");
+    let wh = Running::start(&text, Mode::All).await;
+    send(
+        &wh.ingest,
+        "hostile",
+        json!({"name": "client_event", "channel": "first"}),
+    )
+    .await;
+    rx.wait_for("hostile", 1, WAIT).await;
+    let planted = wat_component(dir.path(), "many-memories");
+    std::fs::copy(&planted, &hostile).unwrap();
+    // Several watch intervals: the new file is tried and rejected.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for i in 0..10 {
+        for app in ["hostile", "calm"] {
+            send(
+                &wh.ingest,
+                app,
+                json!({"name": "client_event", "channel": format!("c{i}")}),
+            )
+            .await;
+        }
+    }
+    let calm = rx.wait_for("calm", 10, WAIT).await;
+    let hostile_got = rx.wait_for("hostile", 11, WAIT).await;
+    for r in calm.iter().chain(&hostile_got) {
+        assert_eq!(r.header("x-plugin"), "add-header");
+    }
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_blocked_in_a_clock_call_is_stopped_at_its_deadline() {
+    use wasmhook::plugin::{EngineSettings, FailurePolicy, PluginEngine, PluginFailure};
+    let engine = PluginEngine::new(&EngineSettings::default()).unwrap();
+    let limits = test_limits(Duration::from_millis(100), 100);
+    let sleeper = engine
+        .load("sleeper", &plugin("sleeper"), limits, FailurePolicy::Fail)
+        .unwrap();
+    let event = client_event();
+    let input = test_input("app-1", &event);
+    let config = vec![("ms".to_string(), "3000".to_string())];
+    let called = sleeper.call(&input, &config).await;
+    assert_eq!(
+        called.decision,
+        Err(PluginFailure::TimedOut(Duration::from_millis(100)))
+    );
+    // A short sleep within the deadline decides, and the instance it ran on
+    // (stopped or not) never leaks into the next call.
+    let short = vec![("ms".to_string(), "1".to_string())];
+    assert!(sleeper.call(&input, &short).await.decision.is_ok());
+    assert_eq!(
+        sleeper.call(&input, &config).await.decision,
+        Err(PluginFailure::TimedOut(Duration::from_millis(100)))
+    );
+
+    // `plugin test` says the same.
+    let dir = tempfile::tempdir().unwrap();
+    let event_file = dir.path().join("event.json");
+    std::fs::write(&event_file, r#"{"name":"client_event","channel":"c"}"#).unwrap();
+    let (ok, out, err) = run_binary(&[
+        "plugin".into(),
+        "test".into(),
+        plugin("sleeper").display().to_string(),
+        "--event".into(),
+        event_file.display().to_string(),
+        "--deadline".into(),
+        "100ms".into(),
+        "--config".into(),
+        "ms=3000".into(),
+    ])
+    .await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("ran past its deadline of 100ms"),
+        "{out}\n{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_apps_plugin_calls_cannot_hold_the_instances_another_app_needs() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let apps = app_with_chain(
+        "sleepy",
+        r#"[{ plugin = "sleeper", config = { ms = "1500" } }]"#,
+        &pusher_endpoint(&rx.url("sleepy")),
+    ) + &app_with_chain(
+        "calm",
+        r#"[{ plugin = "tag" }]"#,
+        &pusher_endpoint(&rx.url("calm")),
+    );
+    let text = config(Some(&redis.url), &prefix("share"), "127.0.0.1:0", &apps)
+        + &wasm_section("max_instances = 4\napp_max_instances = 2")
+        + &plugin_def("sleeper", &plugin("sleeper"), "deadline = \"5s\"")
+        + &plugin_def("tag", &plugin("add-header"), "");
+    let wh = Running::start(&text, Mode::All).await;
+    for i in 0..8 {
+        send(
+            &wh.ingest,
+            "sleepy",
+            json!({"name": "client_event", "channel": format!("s{i}")}),
+        )
+        .await;
+    }
+    // The sleepy app's calls are under way before the calm app's arrive.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..5 {
+        send(
+            &wh.ingest,
+            "calm",
+            json!({"name": "client_event", "channel": format!("c{i}")}),
+        )
+        .await;
+    }
+    rx.wait_for("calm", 5, WAIT).await;
+    // With the pool to itself the sleepy app would have held all 4 instances
+    // (and queued ahead of the calm app for the next ones): the calm app's
+    // events would come after at least 4 of its own.
+    let sleepy_before = rx.arrived("sleepy");
+    assert!(
+        sleepy_before < 4,
+        "{sleepy_before} sleepy deliveries came first"
+    );
+    rx.wait_for("sleepy", 8, WAIT).await;
+    wh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_a_decision_carries_is_bounded() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let cases: [(&str, &str, &str); 7] = [
+        (
+            "header",
+            "part = \"header\", bytes = \"2097152\"",
+            "over its output limit of 1048576",
+        ),
+        (
+            "metadata",
+            "part = \"metadata\", bytes = \"2097152\"",
+            "over its output limit of 1048576",
+        ),
+        (
+            "headers",
+            "part = \"headers\"",
+            "40000 headers in one message; at most 64",
+        ),
+        (
+            "pairs",
+            "part = \"metadata-pairs\"",
+            "40000 metadata pairs in one message; at most 64",
+        ),
+        (
+            "routes",
+            "part = \"routes\"",
+            "routes to 100000 targets; the app has 1 endpoints",
+        ),
+        (
+            "error",
+            "part = \"error\", bytes = \"2097152\"",
+            "over its output limit of 1048576",
+        ),
+        (
+            "long-error",
+            "part = \"error\", bytes = \"524288\"",
+            "(524288 bytes)",
+        ),
+    ];
+    let apps = cases
+        .iter()
+        .map(|(app, cfg, _)| {
+            app_with_chain(
+                app,
+                &format!("[{{ plugin = \"big\", config = {{ {cfg} }} }}]"),
+                &pusher_endpoint(&rx.url(app)),
+            )
+        })
+        .collect::<String>()
+        + &app_with_chain(
+            "twice",
+            r#"[{ plugin = "big", config = { part = "routes", count = "2", endpoint = "a" } }]"#,
+            &format!(
+                "\n[[apps.webhooks]]\nid = \"a\"\nurl = \"{}\"\n\n[[apps.webhooks]]\nid = \"b\"\nurl = \"{}\"\n",
+                rx.url("twice-a"),
+                rx.url("twice-b")
+            ),
+        );
+    let text = config(Some(&redis.url), &prefix("bounded"), "127.0.0.1:0", &apps)
+        + &wasm_section("")
+        + &plugin_def("big", &plugin("oversized-output"), "deadline = \"5s\"");
+    let wh = Running::start(&text, Mode::All).await;
+    for (app, _, _) in &cases {
+        send(
+            &wh.ingest,
+            app,
+            json!({"name": *app, "channel": "private-x"}),
+        )
+        .await;
+    }
+    // Named twice, delivered once.
+    send(
+        &wh.ingest,
+        "twice",
+        json!({"name": "twice", "channel": "x"}),
+    )
+    .await;
+    let q = queue(&text);
+    let letters = dead_letters(&q, cases.len()).await;
+    rx.wait_for("twice-a", 1, WAIT).await;
+    assert_eq!(rx.arrived("twice-a"), 1);
+    assert_eq!(rx.arrived("twice-b"), 0);
+    for (app, _, why) in &cases {
+        let letter = letters
+            .iter()
+            .find(|(_, l)| l.job.as_ref().is_some_and(|j| j.event.name == *app))
+            .map(|(_, l)| l)
+            .unwrap_or_else(|| panic!("no dead letter for {app}: {letters:?}"));
+        assert!(letter.reason.contains(why), "{app}: {}", letter.reason);
+        assert!(
+            letter.reason.len() < 4096,
+            "{app}: {} bytes",
+            letter.reason.len()
+        );
+    }
+    for (app, _, _) in &cases {
+        assert!(rx.received(app).is_empty(), "{app} got nothing");
+    }
+    wh.shutdown().await;
 }

@@ -1,10 +1,20 @@
 //! What the benchmark examples share: the machine, the box's load, the
-//! leading `time_ms` of a Pusher body, TOML quoting, and cleaning up a run's
-//! keys. Used as a module (`#[path = "support/mod.rs"]`), not an example.
+//! leading `time_ms` of a Pusher body, TOML quoting, letting deliveries reach
+//! the loopback sinks, and cleaning up a run's keys. Used as a module
+//! (`#[path = "support/mod.rs"]`), not an example.
 
 #![allow(dead_code)]
 
 use std::time::Duration;
+
+/// The sinks listen on loopback, which the network guard blocks by default:
+/// the environment layer of the config lets it through.
+pub fn allow_loopback() -> [(String, String); 1] {
+    [(
+        "WASMHOOK_DELIVERY__ALLOW_NETWORKS".into(),
+        r#"["127.0.0.0/8"]"#.into(),
+    )]
+}
 
 pub fn toml_str(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()

@@ -196,6 +196,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         // Plugins are part of the config: a file that is missing or does not
         // implement the world is a config error.
         crate::plugin::build_pipeline(&settings)?;
+        for warning in &settings.warnings {
+            eprintln!("warning: {warning}");
+        }
         println!(
             "configuration ok: {} app(s), {} endpoint(s), queue: {}",
             settings.apps.len(),
@@ -221,6 +224,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     crate::telemetry::init(format, &settings.log.level);
     match cli.command {
         Command::Serve { mode, .. } => {
+            for warning in &settings.warnings {
+                tracing::warn!(%warning, "configuration warning");
+            }
             let shutdown = CancellationToken::new();
             service::shutdown_on_signals(shutdown.clone());
             service::serve_with_reload(settings, mode, None, shutdown, file).await

@@ -147,6 +147,12 @@ async fn test(
         metadata: &[],
         attempt,
         endpoint,
+        // Route targets are bounded by the app's endpoints; an app the config
+        // does not have may name as many as a message may carry headers.
+        endpoints: settings
+            .apps
+            .get(app)
+            .map_or(crate::pipeline::MAX_HEADERS, |a| a.endpoints.len()),
     };
     let called = loaded.call(&input, &config).await;
     let elapsed_us = called.elapsed.as_micros() as u64;

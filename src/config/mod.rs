@@ -109,7 +109,7 @@ pub fn load_from(
             let path = e.path().to_string();
             fail(vec![Problem {
                 path: if path == "." { "<root>".into() } else { path },
-                reason: e.into_inner().message().trim().to_string(),
+                reason: without_value(e.into_inner().message().trim()),
             }])
         })?;
     let base_dir = file.as_deref().and_then(Path::parent).map(|d| {
@@ -120,6 +120,62 @@ pub fn load_from(
         }
     });
     settings::build(raw, base_dir).map_err(fail)
+}
+
+/// A deserialization message with the offending value left out. serde's
+/// messages quote it (`invalid type: string "whsec_…", expected u32`), and a
+/// config value may be a secret: only what was found (its kind) and what was
+/// expected are kept. Messages that name a key, not a value, stay as they are.
+fn without_value(message: &str) -> String {
+    const ABOUT_KEYS: [&str; 4] = [
+        "unknown field `",
+        "missing field `",
+        "duplicate field `",
+        "invalid length ",
+    ];
+    /// How serde names the kind of value it found (`serde::de::Unexpected`).
+    const KINDS: [&str; 10] = [
+        "string",
+        "integer",
+        "floating point",
+        "boolean",
+        "sequence",
+        "map",
+        "unit value",
+        "character",
+        "byte array",
+        "Option value",
+    ];
+    if ABOUT_KEYS.iter().any(|p| message.starts_with(p)) {
+        return message.to_string();
+    }
+    // The value comes before the last ", expected ": what follows it is the
+    // expectation, written by the type being built, not by the config.
+    let expected = message
+        .rsplit_once(", expected ")
+        .map(|(_, e)| e)
+        .filter(|e| !e.is_empty());
+    let found = message
+        .strip_prefix("invalid type: ")
+        .and_then(|rest| KINDS.iter().find(|k| rest.starts_with(*k)));
+    match (found, expected) {
+        (Some(kind), Some(expected)) => {
+            format!("wrong type: expected {expected}, found {}", a(kind))
+        }
+        (None, Some(expected)) => format!("invalid value: expected {expected}"),
+        (Some(kind), None) => format!("wrong type: found {}", a(kind)),
+        (None, None) => "invalid value".into(),
+    }
+}
+
+/// "a string", "an integer".
+fn a(kind: &str) -> String {
+    let article = if kind.starts_with(['a', 'e', 'i', 'o', 'u', 'O']) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {kind}")
 }
 
 fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {

@@ -91,7 +91,13 @@ pub struct RawWasm {
     /// "auto": the user's cache directory; "": no cache; else a path.
     pub cache_dir: String,
     pub max_instances: u32,
+    /// Instances (calls in flight and warm) one app may hold at once.
+    pub app_max_instances: u32,
     pub warm_instances: u32,
+    /// What one component may hold: core instances, linear memories, tables.
+    pub plugin_max_core_instances: u32,
+    pub plugin_max_memories: u32,
+    pub plugin_max_tables: u32,
     #[serde(with = "duration")]
     pub deadline: Duration,
     /// Instruction budget per call; 0 turns fuel metering off.
@@ -176,6 +182,12 @@ pub struct RawDelivery {
     pub timeout: Duration,
     pub max_response_bytes: usize,
     pub max_in_flight: usize,
+    /// Networks (CIDR) deliveries may reach although the guard blocks them.
+    pub allow_networks: Vec<String>,
+    /// Outbound HTTP(S) proxy URL; "" = connect directly.
+    pub proxy: String,
+    /// Hosts, domains and networks reached directly, not through `proxy`.
+    pub no_proxy: Vec<String>,
     pub breaker: RawBreaker,
 }
 

@@ -15,9 +15,11 @@ use super::raw::{RawPluginRef, RawWasm};
 use crate::app::{App, Apps, Endpoint, PluginRef, Scheme, Secret};
 use crate::breaker::BreakerSettings;
 use crate::delivery::retry::RetryPolicy;
+use crate::delivery::{Egress, ProxySettings};
 use crate::event::valid_name;
+use crate::netguard::NetGuard;
 use crate::pipeline::route::ChannelFilter;
-use crate::plugin::{EngineSettings, Limits, PluginSpec};
+use crate::plugin::{ComponentCaps, EngineSettings, Limits, PluginSpec};
 use crate::queue::{EndpointTenancy, Keys, QueueOptions, Tenancy};
 use crate::ratelimit::RateLimit;
 use crate::signing::{self, standard::StandardKey};
@@ -37,6 +39,9 @@ pub struct Settings {
     pub watch_interval: Duration,
     pub plugins: Vec<PluginSpec>,
     pub apps: Apps,
+    /// Not errors, but likely mistakes (`config check` prints them, `serve`
+    /// logs them): endpoints the network guard will refuse.
+    pub warnings: Vec<Problem>,
 }
 
 #[derive(Debug, Clone)]
@@ -114,6 +119,8 @@ pub struct DeliverySettings {
     /// Jobs for one endpoint in flight on one worker, unless it sets its own.
     pub max_in_flight: usize,
     pub breaker: BreakerSettings,
+    /// The network guard and the outbound proxy.
+    pub egress: Egress,
 }
 
 #[derive(Debug, Clone)]
@@ -147,11 +154,12 @@ pub(super) fn build(
     let (wasm, plugins) = build_plugins(&mut c, &raw.wasm, &raw.plugins, base_dir);
 
     if let Some(url) = &raw.redis.url
-        && let Err(e) = redis::Client::open(url.as_str())
+        && redis::Client::open(url.as_str()).is_err()
     {
+        // The URL may hold a password, and the parser's detail may quote it.
         c.fail(
             "redis.url",
-            format!("not a Redis URL: {}", e.detail().unwrap_or("unparseable")),
+            "not a Redis URL: expected redis://[user:password@]host[:port][/db], rediss://... or unix:///path",
         );
     }
     if raw.redis.prefix.is_empty() || raw.redis.prefix.contains(['{', '}']) {
@@ -245,6 +253,7 @@ pub(super) fn build(
     if raw.delivery.timeout.is_zero() {
         c.fail("delivery.timeout", "must be longer than zero");
     }
+    let egress = build_egress(&mut c, &raw.delivery);
     if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
         c.fail(
             "log.level",
@@ -261,7 +270,7 @@ pub(super) fn build(
         if !app_ids.insert(a.id.clone()) {
             c.fail(
                 format!("{path}.id"),
-                format!("app id {:?} is used twice", a.id),
+                "the same id as an earlier app: each app needs its own",
             );
         }
         let app = build_app(&mut c, &path, a, &raw, &retry, &plugins);
@@ -280,6 +289,7 @@ pub(super) fn build(
     if !c.0.is_empty() {
         return Err(c.0);
     }
+    let warnings = blocked_endpoints(&raw, &egress.guard);
     Ok(Settings {
         redis_url: raw.redis.url,
         keys: Keys::new(raw.redis.prefix),
@@ -304,6 +314,7 @@ pub(super) fn build(
             max_response_bytes: raw.delivery.max_response_bytes,
             max_in_flight: raw.delivery.max_in_flight,
             breaker,
+            egress,
         },
         log: LogSettings {
             format: raw.log.format,
@@ -313,7 +324,79 @@ pub(super) fn build(
         watch_interval: raw.wasm.watch_interval,
         plugins,
         apps: Apps::new(apps),
+        warnings,
     })
+}
+
+/// Endpoints the network guard will refuse, judged from their URLs alone
+/// (IP literals, `localhost`; no lookups). Not errors, since the operator may
+/// mean it, but every delivery to them will be dead-lettered.
+fn blocked_endpoints(raw: &RawConfig, guard: &NetGuard) -> Vec<Problem> {
+    let mut out = Vec::new();
+    for (i, a) in raw.apps.iter().enumerate() {
+        for (j, w) in a.webhooks.iter().enumerate() {
+            let Some(Ok(url)) = w.url.as_deref().map(reqwest::Url::parse) else {
+                continue;
+            };
+            if let Err(blocked) = guard.check_url(&url) {
+                out.push(Problem {
+                    path: format!("apps[{i}].webhooks[{j}].url"),
+                    reason: format!(
+                        "{blocked}: deliveries to it will be refused (delivery.allow_networks lets a network through)"
+                    ),
+                });
+            }
+        }
+    }
+    out
+}
+
+fn build_egress(c: &mut Check, raw: &super::raw::RawDelivery) -> Egress {
+    let mut allow = Vec::new();
+    for (i, text) in raw.allow_networks.iter().enumerate() {
+        match NetGuard::parse_network(text) {
+            Ok(net) => allow.push(net),
+            Err(reason) => c.fail(format!("delivery.allow_networks[{i}]"), reason),
+        }
+    }
+    let proxy = match raw.proxy.trim() {
+        "" => {
+            if !raw.no_proxy.is_empty() {
+                c.fail("delivery.no_proxy", "only with a delivery.proxy");
+            }
+            None
+        }
+        // The URL may hold credentials: it is never repeated in a message.
+        text => match reqwest::Url::parse(text) {
+            Err(e) => {
+                c.fail("delivery.proxy", format!("not a URL: {e}"));
+                None
+            }
+            Ok(url) if !matches!(url.scheme(), "http" | "https") || url.host().is_none() => {
+                c.fail(
+                    "delivery.proxy",
+                    "must be an http:// or https:// URL with a host",
+                );
+                None
+            }
+            Ok(url) => Some(ProxySettings {
+                url,
+                no_proxy: raw.no_proxy.clone(),
+            }),
+        },
+    };
+    for (i, entry) in raw.no_proxy.iter().enumerate() {
+        if entry.trim().is_empty() || entry.contains(',') {
+            c.fail(
+                format!("delivery.no_proxy[{i}]"),
+                "one host, domain, IP or CIDR per entry",
+            );
+        }
+    }
+    Egress {
+        guard: NetGuard::new(allow),
+        proxy,
+    }
 }
 
 fn build_plugins(
@@ -324,6 +407,21 @@ fn build_plugins(
 ) -> (EngineSettings, Vec<PluginSpec>) {
     if wasm.max_instances == 0 {
         c.fail("wasm.max_instances", "must be at least 1");
+    }
+    if wasm.app_max_instances == 0 {
+        c.fail("wasm.app_max_instances", "must be at least 1");
+    }
+    for (key, value) in [
+        (
+            "wasm.plugin_max_core_instances",
+            wasm.plugin_max_core_instances,
+        ),
+        ("wasm.plugin_max_memories", wasm.plugin_max_memories),
+        ("wasm.plugin_max_tables", wasm.plugin_max_tables),
+    ] {
+        if value == 0 {
+            c.fail(key, "must be at least 1");
+        }
     }
     if wasm.deadline.is_zero() {
         c.fail("wasm.deadline", "must be longer than zero");
@@ -384,19 +482,19 @@ fn build_plugins(
     }
     let cache_dir = match wasm.cache_dir.as_str() {
         "" => None,
-        "auto" => std::env::var_os("XDG_CACHE_HOME")
-            .map(std::path::PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache"))
-            })
-            .map(|d| d.join("wasmhook"))
-            .or_else(|| Some(std::env::temp_dir().join("wasmhook-cache"))),
+        "auto" => user_cache_dir(|var| std::env::var_os(var)),
         dir => Some(std::path::PathBuf::from(dir)),
     };
     let engine = EngineSettings {
         cache_dir,
         max_instances: wasm.max_instances,
+        app_max_instances: wasm.app_max_instances,
         warm_instances: wasm.warm_instances,
+        component: ComponentCaps {
+            core_instances: wasm.plugin_max_core_instances,
+            memories: wasm.plugin_max_memories,
+            tables: wasm.plugin_max_tables,
+        },
         max_memory: specs
             .iter()
             .map(|s| s.limits.max_memory)
@@ -406,6 +504,27 @@ fn build_plugins(
         fuel: wasm.fuel > 0,
     };
     (engine, specs)
+}
+
+/// `$XDG_CACHE_HOME/wasmhook`, else `$HOME/.cache/wasmhook` (absolute paths
+/// only); never a directory other users share, such as the temp directory.
+pub(super) fn user_cache_dir(
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Option<std::path::PathBuf> {
+    let absolute = |var: &str| {
+        env(var)
+            .map(std::path::PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
+    let dir = absolute("XDG_CACHE_HOME")
+        .or_else(|| absolute("HOME").map(|h| h.join(".cache")))
+        .map(|d| d.join("wasmhook"));
+    if dir.is_none() {
+        tracing::debug!(
+            "wasm.cache_dir = \"auto\" and neither XDG_CACHE_HOME nor HOME is set: plugins are compiled on every start"
+        );
+    }
+    dir
 }
 
 fn build_chain(
@@ -419,7 +538,7 @@ fn build_chain(
         if !plugins.iter().any(|p| p.name == r.plugin) {
             c.fail(
                 format!("{path}[{i}].plugin"),
-                format!("no plugin {:?} is defined under [plugins]", r.plugin),
+                "names no plugin defined under [plugins]",
             );
             continue;
         }
@@ -479,10 +598,7 @@ fn build_app(
             if !ids.insert(e.id.clone()) {
                 c.fail(
                     format!("{wpath}.id"),
-                    format!(
-                        "endpoint id {:?} is used twice in this app; give each an explicit `id`",
-                        e.id
-                    ),
+                    "the same endpoint id as an earlier endpoint of this app; give each an explicit `id`",
                 );
             }
             endpoints.push(Arc::new(e));

@@ -388,3 +388,289 @@ max_reuse = 0
         "{p:?}"
     );
 }
+
+#[test]
+fn allowed_networks_proxy_and_no_proxy_are_validated() {
+    let s = load(&format!(
+        "[delivery]\nallow_networks = [\"127.0.0.0/8\", \"10.1.2.3/16\", \"fd00::1\"]\n{APP}"
+    ))
+    .unwrap();
+    let allowed: Vec<String> = s
+        .delivery
+        .egress
+        .guard
+        .allowed_networks()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(allowed, ["127.0.0.0/8", "10.1.0.0/16", "fd00::1/128"]);
+    assert!(s.delivery.egress.proxy.is_none());
+    let s = load_from(
+        Some("test.toml".into()),
+        Some(APP),
+        [(
+            "WASMHOOK_DELIVERY__ALLOW_NETWORKS".to_string(),
+            r#"["127.0.0.0/8"]"#.to_string(),
+        )],
+    )
+    .unwrap();
+    assert_eq!(
+        s.delivery.egress.guard.allowed_networks()[0].to_string(),
+        "127.0.0.0/8",
+        "the environment sets it too"
+    );
+
+    let p = problems("[delivery]\nallow_networks = [\"10.0.0.0/8\", \"10.0.0/8\", \"nope\"]\n");
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(
+        p[0].starts_with("delivery.allow_networks[1]: not a network") && !p[0].contains("10.0.0/8"),
+        "{p:?}"
+    );
+    assert!(p[1].starts_with("delivery.allow_networks[2]:"), "{p:?}");
+
+    let s = load(&format!(
+        "[delivery]\nproxy = \"http://user:pw@proxy.internal:3128\"\nno_proxy = [\"internal.example\", \"10.1.0.0/16\"]\n{APP}"
+    ))
+    .unwrap();
+    let proxy = s.delivery.egress.proxy.as_ref().unwrap();
+    assert_eq!(proxy.url.host_str(), Some("proxy.internal"));
+    assert_eq!(proxy.no_proxy, ["internal.example", "10.1.0.0/16"]);
+    assert!(
+        !format!("{:?}", s.delivery).contains("pw"),
+        "the proxy's credentials stay out of Debug"
+    );
+
+    for (text, want) in [
+        (
+            "proxy = \"socks5://user:secret-pw@p:1080\"",
+            "delivery.proxy: must be an http:// or https:// URL",
+        ),
+        ("proxy = \"::secret-pw\"", "delivery.proxy: not a URL"),
+        (
+            "no_proxy = [\"internal.example\"]",
+            "delivery.no_proxy: only with a delivery.proxy",
+        ),
+        (
+            "proxy = \"http://p:3128\"\nno_proxy = [\"a.example,b.example\"]",
+            "delivery.no_proxy[0]: one host",
+        ),
+    ] {
+        let p = problems(&format!("[delivery]\n{text}\n"));
+        assert_eq!(p.len(), 1, "{text}: {p:?}");
+        assert!(p[0].starts_with(want), "{text}: {p:?}");
+        assert!(!p[0].contains("secret-pw"), "{p:?}");
+    }
+}
+
+#[test]
+fn endpoints_the_guard_will_refuse_are_warnings_not_errors() {
+    let app = |urls: &[&str]| {
+        let mut text =
+            "[[apps]]\nid = \"a\"\nkey = \"k\"\nsecret = \"s\"\ningest_token = \"t\"\n".to_string();
+        for url in urls {
+            text.push_str(&format!("[[apps.webhooks]]\nurl = \"{url}\"\n"));
+        }
+        text
+    };
+    let urls = [
+        "https://example.com/hooks",
+        "http://10.0.0.5/hook",
+        "http://localhost:8080/",
+        "http://[::ffff:127.0.0.1]/",
+        "https://internal.example/",
+    ];
+    let s = load(&app(&urls)).unwrap();
+    let warnings: Vec<String> = s.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(warnings.len(), 3, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with(
+            "apps[0].webhooks[1].url: blocked: 10.0.0.5 is a private address: deliveries to it will be refused"
+        ),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[1].starts_with("apps[0].webhooks[2].url: blocked: localhost (127.0.0.1)"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[2].starts_with("apps[0].webhooks[3].url: blocked: ::ffff:127.0.0.1 embeds"),
+        "{warnings:?}"
+    );
+
+    let s = load(&format!(
+        "[delivery]\nallow_networks = [\"127.0.0.0/8\", \"10.0.0.0/8\"]\n{}",
+        app(&urls)
+    ))
+    .unwrap();
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+}
+
+#[test]
+fn the_demo_app_may_reach_its_loopback_echo_receiver() {
+    let s = load_from(None, None, Vec::<(String, String)>::new()).unwrap();
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    let guard = &s.delivery.egress.guard;
+    assert!(guard.check("127.0.0.1".parse().unwrap()).is_ok());
+    assert!(guard.check("::1".parse().unwrap()).is_ok());
+    assert!(guard.check("10.0.0.1".parse().unwrap()).is_err());
+    // With a file, nothing is allowed unless it says so.
+    let s = load(APP).unwrap();
+    assert!(
+        s.delivery
+            .egress
+            .guard
+            .check("127.0.0.1".parse().unwrap())
+            .is_err()
+    );
+}
+
+#[test]
+fn the_echo_receiver_is_on_only_in_the_demo_or_when_asked() {
+    assert!(
+        load_from(None, None, Vec::<(String, String)>::new())
+            .unwrap()
+            .server
+            .echo
+    );
+    assert!(!load(APP).unwrap().server.echo, "off with a config file");
+    assert!(
+        load(&format!("[server]\necho = true\n{APP}"))
+            .unwrap()
+            .server
+            .echo
+    );
+}
+
+/// Looks like a secret; must never show in an error.
+const LEAK: &str = "whsec_TOPSECRETc2VjcmV0";
+
+fn error_text(text: &str, env: &[(&str, &str)]) -> String {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let e = load_from(Some("test.toml".into()), Some(text), env)
+        .unwrap_err()
+        .to_string();
+    assert!(!e.contains("TOPSECRET"), "the value is echoed: {e}");
+    e
+}
+
+#[test]
+fn config_errors_name_the_key_and_what_was_expected_never_the_value() {
+    // A secret where a number goes.
+    let e = error_text(&format!("[queues]\nconcurrency = \"{LEAK}\"\n{APP}"), &[]);
+    assert!(
+        e.contains("queues.concurrency: wrong type: expected usize, found a string"),
+        "{e}"
+    );
+    // A secret where a list goes.
+    let e = error_text(
+        &APP.replace(
+            "secrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]",
+            &format!("secrets = \"{LEAK}\""),
+        ),
+        &[],
+    );
+    assert!(
+        e.contains("apps[0].webhooks[1].secrets: wrong type: expected a sequence"),
+        "{e}"
+    );
+    // Not one of an enum's names.
+    let e = error_text(&format!("[log]\nformat = \"{LEAK}\"\n{APP}"), &[]);
+    assert!(
+        e.contains("log.format: invalid value: expected `pretty` or `json`"),
+        "{e}"
+    );
+    // Not a duration.
+    let e = error_text(
+        &format!("[server]\nidempotency_ttl = \"{LEAK}\"\n{APP}"),
+        &[],
+    );
+    assert!(
+        e.contains("server.idempotency_ttl: invalid value: expected a duration"),
+        "{e}"
+    );
+    // URLs holding a password.
+    let e = error_text(
+        &format!("[redis]\nurl = \"redis://user:{LEAK}@host:port\"\n{APP}"),
+        &[],
+    );
+    assert!(e.contains("redis.url: not a Redis URL"), "{e}");
+    let e = error_text(
+        &APP.replace(
+            "https://example.com/hooks",
+            &format!("https://user:{LEAK}@exa mple.com:99999/"),
+        ),
+        &[],
+    );
+    assert!(e.contains("apps[0].webhooks[0].url: not a URL"), "{e}");
+    // Environment overrides.
+    let e = error_text(APP, &[("WASMHOOK_QUEUES__CONCURRENCY", LEAK)]);
+    assert!(e.contains("queues.concurrency: wrong type"), "{e}");
+    let e = error_text(APP, &[("WASMHOOK_APPS__0__WEIGHT", LEAK)]);
+    assert!(e.contains("apps[0].weight: wrong type"), "{e}");
+    let e = error_text(APP, &[("WASMHOOK_LOG__FORMAT", LEAK)]);
+    assert!(e.contains("log.format: invalid value"), "{e}");
+    // Names that repeat, or point nowhere.
+    let e = error_text(
+        &(APP.replace("app-1", LEAK) + &APP.replace("app-1", LEAK)),
+        &[],
+    );
+    assert!(
+        e.contains("apps[1].id: the same id as an earlier app"),
+        "{e}"
+    );
+    let e = error_text(
+        &APP.replace(
+            "[[apps]]\n",
+            &format!("[[apps]]\nplugins = [{{ plugin = \"{LEAK}\" }}]\n"),
+        ),
+        &[],
+    );
+    assert!(
+        e.contains("apps[0].plugins[0].plugin: names no plugin"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_value_with_a_comma_and_expected_in_it_is_still_left_out() {
+    let m =
+        super::without_value("invalid type: string \"s3cret, expected x\", expected a duration");
+    assert_eq!(m, "wrong type: expected a duration, found a string");
+    assert_eq!(
+        super::without_value("unknown field `urll`, expected `url` or `prefix`"),
+        "unknown field `urll`, expected `url` or `prefix`"
+    );
+    assert_eq!(super::without_value("something s3cret"), "invalid value");
+}
+
+#[test]
+fn the_automatic_plugin_cache_is_per_user_or_none() {
+    use std::path::PathBuf;
+    let dir = |vars: &[(&str, &str)]| {
+        let vars: Vec<(String, std::ffi::OsString)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.into()))
+            .collect();
+        super::settings::user_cache_dir(|name| {
+            vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+    };
+    assert_eq!(
+        dir(&[("XDG_CACHE_HOME", "/x/cache"), ("HOME", "/home/u")]),
+        Some(PathBuf::from("/x/cache/wasmhook"))
+    );
+    assert_eq!(
+        dir(&[("HOME", "/home/u")]),
+        Some(PathBuf::from("/home/u/.cache/wasmhook"))
+    );
+    assert_eq!(
+        dir(&[("XDG_CACHE_HOME", "relative"), ("HOME", "/home/u")]),
+        Some(PathBuf::from("/home/u/.cache/wasmhook"))
+    );
+    // Never a shared directory such as the temp directory.
+    assert_eq!(dir(&[]), None);
+    assert_eq!(dir(&[("HOME", "")]), None);
+}

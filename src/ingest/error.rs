@@ -9,12 +9,15 @@ use serde_json::json;
 pub enum IngestError {
     #[error("{0}")]
     BadRequest(String),
+    /// Also the answer for an app that does not exist, so app ids cannot be probed.
     #[error("missing or wrong ingest token (Authorization: Bearer <token>)")]
     Unauthorized,
-    #[error("no such app")]
-    UnknownApp,
     #[error("another request with this Idempotency-Key is being handled; retry later")]
     Conflict,
+    #[error(
+        "this Idempotency-Key was used with a different request body; use a new key for a new request"
+    )]
+    IdempotencyMismatch,
     #[error("request body over the limit of {0} bytes")]
     TooLarge(usize),
     #[error("the queue is unavailable: {0}")]
@@ -26,8 +29,8 @@ impl IngestError {
         match self {
             IngestError::BadRequest(_) => StatusCode::BAD_REQUEST,
             IngestError::Unauthorized => StatusCode::UNAUTHORIZED,
-            IngestError::UnknownApp => StatusCode::NOT_FOUND,
             IngestError::Conflict => StatusCode::CONFLICT,
+            IngestError::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             IngestError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -37,8 +40,8 @@ impl IngestError {
         match self {
             IngestError::BadRequest(_) => "bad_request",
             IngestError::Unauthorized => "unauthorized",
-            IngestError::UnknownApp => "unknown_app",
             IngestError::Conflict => "conflict",
+            IngestError::IdempotencyMismatch => "idempotency_key_reused",
             IngestError::TooLarge(_) => "payload_too_large",
             IngestError::Unavailable(_) => "unavailable",
         }

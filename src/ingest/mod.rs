@@ -3,7 +3,8 @@
 //!
 //! - `POST /v1/apps/{app_id}/events` (Bearer ingest token): one event, or
 //!   `{"events": [...]}`. `Idempotency-Key` makes a retry of the same request
-//!   enqueue nothing new and get the first answer.
+//!   enqueue nothing new and get the first answer; the same key with another
+//!   body gets 422. An unknown app gets the same 401 as a wrong token.
 //! - `GET /healthz`: the process is up. `GET /readyz`: the queue answers.
 //! - `POST /v1/echo` (when enabled): a receiver that logs what it gets.
 
@@ -20,10 +21,11 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 pub use self::error::IngestError;
-use crate::app::Apps;
+use crate::app::{Apps, Secret};
 use crate::config::ServerSettings;
 use crate::event::{Event, Job, now_ms};
 use crate::queue::{Idempotency, Queue};
@@ -90,14 +92,23 @@ async fn accept(
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .get(app_id)
-        .cloned()
-        .ok_or(IngestError::UnknownApp)?;
+        .cloned();
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
         .ok_or(IngestError::Unauthorized)?;
-    if !app.ingest_token.matches(token.trim()) {
+    // An unknown app is answered as a wrong token, after the same work, so
+    // neither the answer nor its timing tells which app ids exist.
+    let authorized = match &app {
+        Some(app) => app.ingest_token.matches(token),
+        None => {
+            let _ = Secret::new("").matches(token);
+            false
+        }
+    };
+    if !authorized {
         return Err(IngestError::Unauthorized);
     }
     let limit = state.server.max_body_bytes;
@@ -128,10 +139,19 @@ async fn accept(
         }
     };
     let ttl = state.server.idempotency_ttl;
-    if let Some(key) = &idempotency_key {
-        match timed(state.queue.idempotency_begin(app_id, key, ttl)).await? {
+    // A key answers only the request it was first used with: this app, these bytes.
+    let fingerprint = idempotency_key.as_ref().map(|_| {
+        let mut h = Sha256::new();
+        h.update(app_id.as_bytes());
+        h.update([0]);
+        h.update(&bytes);
+        hex::encode(h.finalize())
+    });
+    if let (Some(key), Some(fp)) = (&idempotency_key, &fingerprint) {
+        match timed(state.queue.idempotency_begin(app_id, key, fp, ttl)).await? {
             Idempotency::New => {}
             Idempotency::InProgress => return Err(IngestError::Conflict),
+            Idempotency::Mismatch => return Err(IngestError::IdempotencyMismatch),
             Idempotency::Done(answer) => {
                 let mut response = (
                     StatusCode::ACCEPTED,
@@ -162,8 +182,13 @@ async fn accept(
     }
     let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
     let answer = json!({ "ids": ids }).to_string();
-    if let Some(key) = &idempotency_key
-        && let Err(e) = timed(state.queue.idempotency_finish(app_id, key, &answer, ttl)).await
+    if let (Some(key), Some(fp)) = (&idempotency_key, &fingerprint)
+        && let Err(e) = timed(
+            state
+                .queue
+                .idempotency_finish(app_id, key, fp, &answer, ttl),
+        )
+        .await
     {
         // The events are stored: answer 202; a retry with this key within the
         // claim window gets 409, after it the events are enqueued again.

@@ -15,6 +15,11 @@ use std::sync::Arc;
 use crate::app::{App, Endpoint};
 use crate::event::{Event, Job};
 
+/// Most request headers the stages of a chain may add to a job, in all.
+pub const MAX_HEADERS: usize = 64;
+/// Most metadata pairs a job may carry along its chain.
+pub const MAX_METADATA: usize = 64;
+
 /// What a stage decided about an event (the WIT `decision`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
@@ -48,20 +53,63 @@ impl Message {
         }
     }
 
-    fn apply(self, job: &mut Job) {
+    /// Puts the message on the job. Refused when the job would carry more
+    /// than [`MAX_HEADERS`] headers or [`MAX_METADATA`] metadata pairs.
+    fn apply(self, job: &mut Job) -> Result<(), String> {
+        merge(&mut job.headers, self.headers, MAX_HEADERS, "headers")?;
+        merge(
+            &mut job.metadata,
+            self.metadata,
+            MAX_METADATA,
+            "metadata pairs",
+        )?;
         job.event = self.event;
-        merge(&mut job.headers, self.headers);
-        merge(&mut job.metadata, self.metadata);
+        Ok(())
     }
 }
 
-fn merge(into: &mut Vec<(String, String)>, from: Vec<(String, String)>) {
+/// Adds `from` to `into`; a name given again replaces the earlier value.
+/// Linear in the sizes of both.
+fn merge(
+    into: &mut Vec<(String, String)>,
+    from: Vec<(String, String)>,
+    max: usize,
+    what: &str,
+) -> Result<(), String> {
+    if from.is_empty() {
+        return Ok(());
+    }
+    let mut at: HashMap<String, usize> = into
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| (name.clone(), i))
+        .collect();
     for (k, v) in from {
-        match into.iter_mut().find(|(name, _)| *name == k) {
-            Some(slot) => slot.1 = v,
-            None => into.push((k, v)),
+        match at.get(&k) {
+            Some(&i) => into[i].1 = v,
+            None => {
+                if into.len() >= max {
+                    return Err(format!("the chain added more than {max} {what}"));
+                }
+                at.insert(k.clone(), into.len());
+                into.push((k, v));
+            }
         }
     }
+    Ok(())
+}
+
+/// `text` cut to at most `max` bytes (at a character boundary), saying how
+/// long it was: for text from tenants on its way to logs and dead letters.
+pub fn clip(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..cut], text.len())
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -82,7 +130,8 @@ pub struct StageError {
 /// One step of an app's chain.
 pub trait Stage: Send + Sync {
     fn name(&self) -> &str;
-    fn decide<'a>(&'a self, job: &'a Job) -> StageFuture<'a>;
+    /// Decides about a job of `app`.
+    fn decide<'a>(&'a self, app: &'a App, job: &'a Job) -> StageFuture<'a>;
 }
 
 /// What [`Stage::decide`] returns: a plugin call runs on the async task.
@@ -144,10 +193,15 @@ impl Pipeline {
         let mut job = job;
         let mut skipped = 0;
         for stage in chain {
-            match stage.decide(&job).await? {
+            match stage.decide(app, &job).await? {
                 Decision::Keep => {}
                 Decision::Skipped(_) => skipped += 1,
-                Decision::Transform(message) => message.apply(&mut job),
+                Decision::Transform(message) => {
+                    message.apply(&mut job).map_err(|message| StageError {
+                        stage: stage.name().to_string(),
+                        message,
+                    })?
+                }
                 Decision::Drop(reason) => {
                     let dropped = Prepared::Dropped {
                         stage: stage.name().to_string(),
@@ -177,10 +231,15 @@ impl Pipeline {
                 stage: stage.name().to_string(),
                 reason,
             };
-            match stage.decide(&job).await? {
+            match stage.decide(app, &job).await? {
                 Decision::Keep => {}
                 Decision::Skipped(_) => skipped += 1,
-                Decision::Transform(message) => message.apply(&mut job),
+                Decision::Transform(message) => {
+                    message.apply(&mut job).map_err(|message| StageError {
+                        stage: stage.name().to_string(),
+                        message,
+                    })?
+                }
                 Decision::Drop(reason) => return Ok((dropped(reason), skipped)),
                 Decision::Route(targets) if targets.is_empty() => {
                     return Ok((dropped("routed to no endpoint".into()), skipped));
@@ -200,11 +259,17 @@ impl Pipeline {
                 for t in targets {
                     let endpoint = app.endpoint(&t.endpoint).ok_or_else(|| StageError {
                         stage: "route".into(),
-                        message: format!("routed to unknown endpoint {:?}", t.endpoint),
+                        message: format!(
+                            "routed to unknown endpoint {:?}",
+                            clip(t.endpoint.clone(), 64)
+                        ),
                     })?;
                     let mut aimed = job.for_endpoint(&endpoint.id);
                     if let Some(message) = t.message {
-                        message.apply(&mut aimed);
+                        message.apply(&mut aimed).map_err(|message| StageError {
+                            stage: "route".into(),
+                            message,
+                        })?;
                     }
                     out.push((endpoint.clone(), aimed));
                 }
@@ -308,7 +373,7 @@ mod tests {
         fn name(&self) -> &str {
             "fixed"
         }
-        fn decide<'a>(&'a self, _: &'a Job) -> StageFuture<'a> {
+        fn decide<'a>(&'a self, _: &'a App, _: &'a Job) -> StageFuture<'a> {
             let decision = self.0.clone();
             Box::pin(async move { Ok(decision) })
         }

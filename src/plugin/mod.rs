@@ -11,7 +11,9 @@
 
 mod bindings;
 mod cache;
+mod output;
 mod registry;
+mod slots;
 mod state;
 mod warm;
 
@@ -23,13 +25,16 @@ use std::time::{Duration, Instant};
 use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
-use self::bindings::types as wit;
+/// The WIT types as the host sees them (`wit/plugin.wit`).
+pub use self::bindings::types as wit;
 use self::bindings::{PluginWorld, PluginWorldPre};
+pub use self::output::{DecisionBounds, MAX_REASON, check_decision, check_error};
 pub use self::registry::{PluginSpec, PluginStage, Registry};
+use self::slots::Slots;
 use self::state::State;
 use self::warm::{Warm, WarmPool};
 use crate::event::Event;
-use crate::pipeline::{Decision, Message, RouteTarget};
+use crate::pipeline::Decision;
 
 /// How often the epoch ticks: the resolution of plugin deadlines.
 const TICK: Duration = Duration::from_millis(1);
@@ -95,6 +100,10 @@ pub enum LoadError {
     },
     #[error("{path}: not a WebAssembly component: {reason}")]
     NotAComponent { path: PathBuf, reason: String },
+    /// More core instances, memories or tables than `[wasm]
+    /// plugin_max_*` allow, or a memory or table larger than the pool's.
+    #[error("{path}: holds more than a plugin may hold: {reason}")]
+    OverLimits { path: PathBuf, reason: String },
     #[error("{path}: does not implement the wasmhook:plugin/plugin world: {reason}")]
     WrongWorld { path: PathBuf, reason: String },
 }
@@ -106,12 +115,50 @@ pub struct EngineSettings {
     pub cache_dir: Option<PathBuf>,
     /// Calls in flight at once (each holds an instance).
     pub max_instances: u32,
+    /// Calls one app may have in flight at once, and idle instances it may
+    /// keep warm.
+    pub app_max_instances: u32,
     /// Idle instances kept warm for reuse, over all plugins and apps; 0: none.
     pub warm_instances: u32,
+    /// What one component may hold.
+    pub component: ComponentCaps,
     /// Largest memory any plugin may have (the pool's slot size).
     pub max_memory: usize,
     /// Whether fuel metering is on (costs time on every call).
     pub fuel: bool,
+}
+
+/// What one component may hold (the pooling allocator's per-component
+/// limits); a component over any of them is refused when it is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ComponentCaps {
+    pub core_instances: u32,
+    pub memories: u32,
+    pub tables: u32,
+}
+
+impl Default for ComponentCaps {
+    fn default() -> Self {
+        ComponentCaps {
+            core_instances: 32,
+            memories: 2,
+            tables: 8,
+        }
+    }
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            cache_dir: None,
+            max_instances: 64,
+            app_max_instances: 16,
+            warm_instances: 64,
+            component: ComponentCaps::default(),
+            max_memory: 32 << 20,
+            fuel: false,
+        }
+    }
 }
 
 /// The wasmtime engine, linker and epoch ticker.
@@ -125,10 +172,6 @@ pub struct PluginEngine {
     warm: Arc<WarmPool>,
 }
 
-/// Admission to the instance pool: a call waits for a free slot rather than
-/// failing when every pooled instance is in use.
-type Slots = tokio::sync::Semaphore;
-
 impl PluginEngine {
     pub fn new(settings: &EngineSettings) -> anyhow::Result<Self> {
         let mut pool = PoolingAllocationConfig::default();
@@ -136,10 +179,15 @@ impl PluginEngine {
         // Idle warm instances have their own room, so they never hold a slot
         // a call is waiting for.
         let total = n + settings.warm_instances;
+        let share = settings.app_max_instances.clamp(1, n) as usize;
+        let caps = settings.component;
         pool.total_component_instances(total)
-            .total_core_instances(total * 4)
-            .total_memories(total * 2)
-            .total_tables(total * 4)
+            .max_core_instances_per_component(caps.core_instances)
+            .max_memories_per_component(caps.memories)
+            .max_tables_per_component(caps.tables)
+            .total_core_instances(total * caps.core_instances)
+            .total_memories(total * caps.memories)
+            .total_tables(total * caps.tables)
             .max_memory_size(settings.max_memory)
             .linear_memory_keep_resident(256 * 1024)
             .table_keep_resident(16 * 1024);
@@ -167,8 +215,8 @@ impl PluginEngine {
             linker: Arc::new(linker),
             cache_dir: settings.cache_dir.clone(),
             fuel: settings.fuel,
-            slots: Arc::new(Slots::new(n as usize)),
-            warm: Arc::new(WarmPool::new(settings.warm_instances as usize)),
+            slots: Arc::new(Slots::new(n as usize, share)),
+            warm: Arc::new(WarmPool::new(settings.warm_instances as usize, share)),
         })
     }
 
@@ -196,9 +244,22 @@ impl PluginEngine {
         limits: Limits,
         policy: FailurePolicy,
     ) -> Result<Plugin, LoadError> {
-        let not_component = |reason: String| LoadError::NotAComponent {
-            path: path.into(),
-            reason,
+        let not_component = |reason: String| {
+            // The pooling allocator's per-component checks, made when the
+            // component is compiled or loaded from the cache.
+            if reason.contains("in the pooling allocator")
+                || reason.contains("fit in pooling allocator requirements")
+            {
+                LoadError::OverLimits {
+                    path: path.into(),
+                    reason,
+                }
+            } else {
+                LoadError::NotAComponent {
+                    path: path.into(),
+                    reason,
+                }
+            }
         };
         let (component, hash) = cache::compile(&self.engine, self.cache_dir.as_deref(), bytes)
             .map_err(|e| not_component(format!("{e:#}")))?;
@@ -288,6 +349,8 @@ pub struct PluginInput<'a> {
     pub metadata: &'a [(String, String)],
     pub attempt: u32,
     pub endpoint: Option<&'a str>,
+    /// The app's endpoint count: the most targets a route may name.
+    pub endpoints: usize,
 }
 
 /// A decision and what it cost.
@@ -304,13 +367,13 @@ impl Plugin {
     /// app's if one is idle, else on a fresh one: the guest yields to the
     /// runtime at its epoch checks, and the deadline interrupts it.
     pub async fn call(&self, input: &PluginInput<'_>, config: &[(String, String)]) -> Called {
-        // The deadline starts once an instance slot is ours.
-        let _slot = self
-            .slots
-            .acquire()
-            .await
-            .expect("the slot semaphore is never closed");
+        // A place in the app's share first, then one of the engine's calls
+        // in flight.
+        let _share = self.slots.app_permit(input.app_id).await;
+        let _slot = self.slots.engine_permit().await;
+        // The deadline starts once the slot is ours.
         let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started + self.limits.deadline);
         let (mut store, instance, calls) = match self.warm.take(self.uid, input.app_id) {
             Some(warm) => (warm.store, Some(warm.instance), warm.calls),
             None => {
@@ -333,7 +396,9 @@ impl Plugin {
             // is. Cannot fail: the engine meters fuel.
             let _ = store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX));
         }
-        let (instance, decision) = self.run(&mut store, instance, input, config).await;
+        let (instance, decision) = self
+            .run(&mut store, instance, input, config, deadline)
+            .await;
         let stderr = String::from_utf8_lossy(&store.data().stderr.contents())
             .trim()
             .to_string();
@@ -368,20 +433,31 @@ impl Plugin {
     }
 
     /// Instantiates (unless warm) and calls; also gives back the instance
-    /// when it was instantiated.
+    /// when the call returned. The epoch deadline stops a guest that computes
+    /// past `deadline`; the timeout around each step stops one that waits in
+    /// a host call (a WASI clock or poll) past it. An instance stopped that
+    /// way is not given back.
     async fn run(
         &self,
         store: &mut Store<State>,
         warm: Option<PluginWorld>,
         input: &PluginInput<'_>,
         config: &[(String, String)],
+        deadline: tokio::time::Instant,
     ) -> (Option<PluginWorld>, Result<Decision, PluginFailure>) {
+        let timed_out = || PluginFailure::TimedOut(self.limits.deadline);
         let instance = match warm {
             Some(instance) => instance,
-            None => match self.pre.instantiate_async(&mut *store).await {
-                Ok(instance) => instance,
-                Err(e) => return (None, Err(self.classify(store, e, true))),
-            },
+            None => {
+                let instantiated =
+                    tokio::time::timeout_at(deadline, self.pre.instantiate_async(&mut *store))
+                        .await;
+                match instantiated {
+                    Ok(Ok(instance)) => instance,
+                    Ok(Err(e)) => return (None, Err(self.classify(store, e, true))),
+                    Err(_) => return (None, Err(timed_out())),
+                }
+            }
         };
         let event = wit::Event {
             id: input.id.to_string(),
@@ -402,10 +478,19 @@ impl Plugin {
             endpoint: input.endpoint.map(str::to_string),
         };
         let config = pairs(config);
-        let decision = match instance.call_handle(&mut *store, &event, &config).await {
-            Ok(Ok(decision)) => self.convert(decision, (&event.payload, input.event)),
-            Ok(Err(e)) => Err(PluginFailure::Rejected(e.message)),
-            Err(e) => Err(self.classify(store, e, false)),
+        let called =
+            tokio::time::timeout_at(deadline, instance.call_handle(&mut *store, &event, &config))
+                .await;
+        let decision = match called {
+            Ok(Ok(Ok(decision))) => check_decision(
+                decision,
+                &event.payload,
+                input.event,
+                &DecisionBounds::new(self.limits.max_output, input.endpoints),
+            ),
+            Ok(Ok(Err(e))) => Err(check_error(e.message, self.limits.max_output)),
+            Ok(Err(e)) => Err(self.classify(store, e, false)),
+            Err(_) => return (None, Err(timed_out())),
         };
         (Some(instance), decision)
     }
@@ -428,49 +513,6 @@ impl Plugin {
             None => PluginFailure::Trapped(format!("{error:#}")),
         }
     }
-
-    /// Checks and converts a decision. `input` is the payload as the guest
-    /// got it, and its event: a payload returned unchanged is not parsed
-    /// again.
-    fn convert(
-        &self,
-        decision: wit::Decision,
-        input: (&str, &Event),
-    ) -> Result<Decision, PluginFailure> {
-        let lift = |m| message(m, input);
-        let size = match &decision {
-            wit::Decision::Transform(m) => m.payload.len(),
-            wit::Decision::Route(targets) => targets
-                .iter()
-                .filter_map(|t| t.message.as_ref())
-                .map(|m| m.payload.len())
-                .sum(),
-            wit::Decision::Drop(reason) => reason.len(),
-            wit::Decision::Keep => 0,
-        };
-        if size > self.limits.max_output {
-            return Err(PluginFailure::OutputTooLarge {
-                size,
-                limit: self.limits.max_output,
-            });
-        }
-        Ok(match decision {
-            wit::Decision::Keep => Decision::Keep,
-            wit::Decision::Drop(reason) => Decision::Drop(reason),
-            wit::Decision::Transform(m) => Decision::Transform(lift(m)?),
-            wit::Decision::Route(targets) => Decision::Route(
-                targets
-                    .into_iter()
-                    .map(|t| {
-                        Ok(RouteTarget {
-                            endpoint: t.endpoint,
-                            message: t.message.map(lift).transpose()?,
-                        })
-                    })
-                    .collect::<Result<_, PluginFailure>>()?,
-            ),
-        })
-    }
 }
 
 fn pairs(items: &[(String, String)]) -> Vec<wit::Pair> {
@@ -481,30 +523,6 @@ fn pairs(items: &[(String, String)]) -> Vec<wit::Pair> {
             value: value.clone(),
         })
         .collect()
-}
-
-fn message(m: wit::Message, (text, event): (&str, &Event)) -> Result<Message, PluginFailure> {
-    let event = if m.payload == text {
-        event.clone()
-    } else {
-        parse_event(&m.payload)?
-    };
-    Ok(Message {
-        event,
-        headers: m
-            .headers
-            .into_iter()
-            .map(|h| (h.name.to_ascii_lowercase(), h.value))
-            .collect(),
-        metadata: m.metadata.into_iter().map(|p| (p.key, p.value)).collect(),
-    })
-}
-
-fn parse_event(payload: &str) -> Result<Event, PluginFailure> {
-    let value: serde_json::Value = serde_json::from_str(payload)
-        .map_err(|e| PluginFailure::BadOutput(format!("payload is not JSON: {e}")))?;
-    Event::from_json(value)
-        .map_err(|e| PluginFailure::BadOutput(format!("payload is not an event: {e}")))
 }
 
 /// Loads every configured plugin and builds the app and endpoint chains.

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::{FailurePolicy, Limits, LoadError, Plugin, PluginEngine, PluginInput};
+use crate::app::App;
 use crate::event::Job;
 use crate::pipeline::{Decision, Stage, StageError, StageFuture};
 
@@ -196,13 +197,13 @@ impl Stage for PluginStage {
         &self.plugin
     }
 
-    fn decide<'a>(&'a self, job: &'a Job) -> StageFuture<'a> {
-        Box::pin(self.run(job))
+    fn decide<'a>(&'a self, app: &'a App, job: &'a Job) -> StageFuture<'a> {
+        Box::pin(self.run(app, job))
     }
 }
 
 impl PluginStage {
-    async fn run(&self, job: &Job) -> Result<Decision, StageError> {
+    async fn run(&self, app: &App, job: &Job) -> Result<Decision, StageError> {
         let Some(plugin) = self.registry.get(&self.plugin) else {
             return Err(StageError {
                 stage: self.plugin.clone(),
@@ -217,6 +218,7 @@ impl PluginStage {
             metadata: &job.metadata,
             attempt: job.attempt + 1,
             endpoint: job.endpoint.as_deref(),
+            endpoints: app.endpoints.len(),
         };
         let called = plugin.call(&input, &self.config).await;
         let failure = match called.decision {

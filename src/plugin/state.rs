@@ -44,6 +44,7 @@ impl State {
             limiter: Limiter {
                 max_memory,
                 hit: false,
+                total: 0,
                 peak: 0,
             },
             plugin,
@@ -68,27 +69,32 @@ impl WasiView for State {
     }
 }
 
-/// Caps linear memory and remembers that the cap was hit, so the trap that
-/// follows is reported as running out of memory.
+/// Caps linear memory, all of an instance's memories together, and
+/// remembers that the cap was hit, so the trap that follows is reported as
+/// running out of memory.
 pub(crate) struct Limiter {
     max_memory: usize,
     pub(super) hit: bool,
-    /// Largest linear memory granted so far, in bytes.
+    /// Bytes of linear memory granted, over all of the instance's memories.
+    total: usize,
+    /// Largest `total` so far, in bytes.
     pub(super) peak: usize,
 }
 
 impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.max_memory {
+        let total = self.total.saturating_add(desired.saturating_sub(current));
+        if total > self.max_memory {
             self.hit = true;
             return Ok(false);
         }
-        self.peak = self.peak.max(desired);
+        self.total = total;
+        self.peak = self.peak.max(total);
         Ok(true)
     }
 
@@ -108,14 +114,9 @@ impl log::Host for State {
         if self.logged > LOG_LINES {
             return;
         }
-        let mut message = message;
-        if message.len() > LOG_LINE_CAP {
-            let mut cut = LOG_LINE_CAP;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
+        // One call, one line: control characters are escaped (a guest could
+        // otherwise forge log lines or drive the terminal), within the cap.
+        let message = crate::telemetry::one_line(&message, LOG_LINE_CAP);
         let (plugin, app) = (&*self.plugin, &*self.app);
         match level {
             log::Level::Trace => {
@@ -138,6 +139,29 @@ impl log::Host for State {
 }
 
 impl super::bindings::types::Host for State {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_memory_of_an_instance_counts_toward_one_cap() {
+        let mut l = Limiter {
+            max_memory: 32 << 20,
+            hit: false,
+            total: 0,
+            peak: 0,
+        };
+        // Two memories of 20 MiB each: the second is refused.
+        assert!(l.memory_growing(0, 20 << 20, None).unwrap());
+        assert!(!l.memory_growing(0, 20 << 20, None).unwrap());
+        assert!(l.hit);
+        // Growing the first by 10 MiB still fits; by another 4 MiB it does not.
+        assert!(l.memory_growing(20 << 20, 30 << 20, None).unwrap());
+        assert!(!l.memory_growing(30 << 20, 34 << 20, None).unwrap());
+        assert_eq!(l.peak, 30 << 20);
+    }
+}
 
 /// The `log` import and the WASI interfaces a Rust std guest links against.
 pub(super) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> {

@@ -12,8 +12,10 @@
 //!   grown past half of its cap (so a leak is recycled, not fatal);
 //! - every call gets its own deadline, fuel budget and log allowance.
 //!
-//! The pool holds at most `capacity` idle instances over all plugins and apps;
-//! when full, the least recently used one is dropped. Idle instances have
+//! The pool holds at most `capacity` idle instances over all plugins and
+//! apps, and at most `per_app` of one app's (its share of instances, so one
+//! app cannot push every other app's warm instances out); when either is
+//! full, the least recently used one (of that app, or of all) is dropped. Idle instances have
 //! their own room in the engine's instance pool, so they never keep a call
 //! from instantiating.
 
@@ -42,13 +44,15 @@ struct Key {
 /// Idle instances, oldest first.
 pub(super) struct WarmPool {
     capacity: usize,
+    per_app: usize,
     idle: Mutex<VecDeque<(Key, Warm)>>,
 }
 
 impl WarmPool {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, per_app: usize) -> Self {
         WarmPool {
             capacity,
+            per_app: per_app.max(1),
             idle: Mutex::new(VecDeque::new()),
         }
     }
@@ -71,8 +75,17 @@ impl WarmPool {
         }
         let evicted = {
             let mut idle = self.lock();
+            let mine = idle.iter().filter(|(k, _)| k.app == app).count();
+            let out = if mine >= self.per_app {
+                let at = idle.iter().position(|(k, _)| k.app == app);
+                at.and_then(|at| idle.remove(at))
+            } else if idle.len() >= self.capacity {
+                idle.pop_front()
+            } else {
+                None
+            };
             idle.push_back((Key { plugin, app }, warm));
-            (idle.len() > self.capacity).then(|| idle.pop_front())
+            out
         };
         drop(evicted);
     }

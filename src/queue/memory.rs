@@ -147,9 +147,10 @@ struct Lease {
     expires: u64,
 }
 
+/// An Idempotency-Key: claimed or answered, with the request's fingerprint.
 enum Claim {
-    Pending(Instant),
-    Done(String, Instant),
+    Pending(Instant, String),
+    Done(String, String, Instant),
 }
 
 #[derive(Default)]
@@ -1019,20 +1020,26 @@ impl MemoryQueue {
         &self,
         app: &str,
         key: &str,
+        fingerprint: &str,
         ttl: Duration,
     ) -> Result<Idempotency, QueueError> {
         let mut state = self.lock();
         let now = Instant::now();
         state.idempotency.retain(|_, claim| match claim {
-            Claim::Pending(at) => now.duration_since(*at) < super::IDEMPOTENCY_CLAIM,
-            Claim::Done(_, at) => now.duration_since(*at) < ttl,
+            Claim::Pending(at, _) => now.duration_since(*at) < super::IDEMPOTENCY_CLAIM,
+            Claim::Done(_, _, at) => now.duration_since(*at) < ttl,
         });
         let k = (app.to_string(), key.to_string());
         Ok(match state.idempotency.get(&k) {
-            Some(Claim::Pending(_)) => Idempotency::InProgress,
-            Some(Claim::Done(answer, _)) => Idempotency::Done(answer.clone()),
+            Some(Claim::Pending(_, fp) | Claim::Done(_, fp, _)) if fp != fingerprint => {
+                Idempotency::Mismatch
+            }
+            Some(Claim::Pending(..)) => Idempotency::InProgress,
+            Some(Claim::Done(answer, ..)) => Idempotency::Done(answer.clone()),
             None => {
-                state.idempotency.insert(k, Claim::Pending(now));
+                state
+                    .idempotency
+                    .insert(k, Claim::Pending(now, fingerprint.to_string()));
                 Idempotency::New
             }
         })
@@ -1042,12 +1049,13 @@ impl MemoryQueue {
         &self,
         app: &str,
         key: &str,
+        fingerprint: &str,
         answer: &str,
         _ttl: Duration,
     ) -> Result<(), QueueError> {
         self.lock().idempotency.insert(
             (app.to_string(), key.to_string()),
-            Claim::Done(answer.to_string(), Instant::now()),
+            Claim::Done(answer.to_string(), fingerprint.to_string(), Instant::now()),
         );
         Ok(())
     }
@@ -1730,5 +1738,31 @@ mod tests {
             [(None, 0), (Some("e".into()), 0)]
         );
         q.ping().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_idempotency_key_answers_only_the_request_it_was_used_with() {
+        let q = MemoryQueue::new(options());
+        let ttl = Duration::from_secs(60);
+        let begin =
+            |key: &'static str, fp: &'static str| q.idempotency_begin("app-1", key, fp, ttl);
+        assert_eq!(begin("k", "body-a").await.unwrap(), Idempotency::New);
+        assert_eq!(begin("k", "body-a").await.unwrap(), Idempotency::InProgress);
+        assert_eq!(begin("k", "body-b").await.unwrap(), Idempotency::Mismatch);
+        q.idempotency_finish("app-1", "k", "body-a", "{\"ids\":[\"m1\"]}", ttl)
+            .await
+            .unwrap();
+        assert_eq!(
+            begin("k", "body-a").await.unwrap(),
+            Idempotency::Done("{\"ids\":[\"m1\"]}".into())
+        );
+        assert_eq!(begin("k", "body-b").await.unwrap(), Idempotency::Mismatch);
+        // Keys are per app.
+        assert_eq!(
+            q.idempotency_begin("app-2", "k", "body-b", ttl)
+                .await
+                .unwrap(),
+            Idempotency::New
+        );
     }
 }

@@ -241,15 +241,19 @@ pub struct StateChange {
     pub state: State,
 }
 
-/// Where an Idempotency-Key stands.
+/// Where an Idempotency-Key stands. Each key is stored with the fingerprint
+/// (a SHA-256) of the request that claimed it; a request with another
+/// fingerprint gets `Mismatch`, whatever the key's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Idempotency {
     /// First use: the caller owns the key until it finishes or aborts.
     New,
-    /// Another request with this key is being handled.
+    /// Another request with this key and fingerprint is being handled.
     InProgress,
-    /// Already answered: the stored answer.
+    /// Already answered for this fingerprint: the stored answer.
     Done(String),
+    /// The key was claimed by a request with another fingerprint.
+    Mismatch,
 }
 
 /// How long a claimed Idempotency-Key may stay unfinished (its request died).
@@ -394,23 +398,28 @@ impl Queue {
         dispatch!(self, q => q.ping().await)
     }
 
+    /// Claims `key` for a request with this `fingerprint`, or says where it
+    /// stands.
     pub async fn idempotency_begin(
         &self,
         app: &str,
         key: &str,
+        fingerprint: &str,
         ttl: Duration,
     ) -> Result<Idempotency, QueueError> {
-        dispatch!(self, q => q.idempotency_begin(app, key, ttl).await)
+        dispatch!(self, q => q.idempotency_begin(app, key, fingerprint, ttl).await)
     }
 
+    /// Stores the answer to the request that claimed `key`, with its fingerprint.
     pub async fn idempotency_finish(
         &self,
         app: &str,
         key: &str,
+        fingerprint: &str,
         answer: &str,
         ttl: Duration,
     ) -> Result<(), QueueError> {
-        dispatch!(self, q => q.idempotency_finish(app, key, answer, ttl).await)
+        dispatch!(self, q => q.idempotency_finish(app, key, fingerprint, answer, ttl).await)
     }
 
     pub async fn idempotency_abort(&self, app: &str, key: &str) -> Result<(), QueueError> {

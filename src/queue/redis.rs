@@ -24,7 +24,8 @@ use super::{
 use crate::breaker::{Signal, State};
 use crate::event::Job;
 
-/// Marks an Idempotency-Key whose request is still being handled.
+/// Marks an Idempotency-Key whose request is still being handled; the
+/// request's fingerprint follows it.
 const PENDING: &str = "\u{0}pending";
 
 const COMMON: &str = include_str!("lua/common.lua");
@@ -549,6 +550,7 @@ impl RedisQueue {
         &self,
         app: &str,
         key: &str,
+        fingerprint: &str,
         _ttl: Duration,
     ) -> Result<Idempotency, QueueError> {
         let k = self.keys.idempotency(app, key);
@@ -556,7 +558,7 @@ impl RedisQueue {
         for _ in 0..3 {
             let claimed: Option<String> = redis::cmd("SET")
                 .arg(&k)
-                .arg(PENDING)
+                .arg(format!("{PENDING}:{fingerprint}"))
                 .arg("NX")
                 .arg("PX")
                 .arg(IDEMPOTENCY_CLAIM.as_millis() as u64)
@@ -567,8 +569,7 @@ impl RedisQueue {
             }
             let current: Option<String> = redis::cmd("GET").arg(&k).query_async(&mut conn).await?;
             match current {
-                Some(v) if v == PENDING => return Ok(Idempotency::InProgress),
-                Some(v) => return Ok(Idempotency::Done(v)),
+                Some(v) => return Ok(idempotency_state(&v, fingerprint)),
                 None => continue, // expired between the two calls
             }
         }
@@ -579,12 +580,13 @@ impl RedisQueue {
         &self,
         app: &str,
         key: &str,
+        fingerprint: &str,
         answer: &str,
         ttl: Duration,
     ) -> Result<(), QueueError> {
         redis::cmd("SET")
             .arg(self.keys.idempotency(app, key))
-            .arg(answer)
+            .arg(format!("{fingerprint}\n{answer}"))
             .arg("PX")
             .arg(ttl.as_millis() as u64)
             .query_async::<()>(&mut self.conn.clone())
@@ -598,6 +600,25 @@ impl RedisQueue {
             .query_async::<()>(&mut self.conn.clone())
             .await?;
         Ok(())
+    }
+}
+
+/// An Idempotency-Key's stored value, for a request with `fingerprint`:
+/// `<PENDING>:<fingerprint>` while claimed, `<fingerprint>\n<answer>` once
+/// answered. Values stored without a fingerprint (a bare `<PENDING>`, or an
+/// answer, which is a JSON object) are taken as the same request.
+fn idempotency_state(value: &str, fingerprint: &str) -> Idempotency {
+    let (stored, answer) = match value.strip_prefix(PENDING) {
+        Some(rest) => (rest.strip_prefix(':'), None),
+        None => match value.split_once('\n') {
+            Some((fp, answer)) if !fp.starts_with('{') => (Some(fp), Some(answer)),
+            _ => (None, Some(value)),
+        },
+    };
+    match (stored, answer) {
+        (Some(fp), _) if fp != fingerprint => Idempotency::Mismatch,
+        (_, None) => Idempotency::InProgress,
+        (_, Some(answer)) => Idempotency::Done(answer.to_string()),
     }
 }
 
@@ -789,4 +810,28 @@ fn to_dead_letter(s: StreamId) -> Result<(String, DeadLetter), QueueError> {
     let letter = serde_json::from_slice(&raw)
         .map_err(|e| QueueError::Corrupt(format!("dead letter {}: {e}", s.id)))?;
     Ok((s.id, letter))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idempotency_value_answers_only_its_own_fingerprint() {
+        let pending = format!("{PENDING}:aa");
+        assert_eq!(idempotency_state(&pending, "aa"), Idempotency::InProgress);
+        assert_eq!(idempotency_state(&pending, "bb"), Idempotency::Mismatch);
+        let done = "aa\n{\"ids\":[\"msg_1\"]}";
+        assert_eq!(
+            idempotency_state(done, "aa"),
+            Idempotency::Done("{\"ids\":[\"msg_1\"]}".into())
+        );
+        assert_eq!(idempotency_state(done, "bb"), Idempotency::Mismatch);
+        // Stored before fingerprints were kept.
+        assert_eq!(idempotency_state(PENDING, "aa"), Idempotency::InProgress);
+        assert_eq!(
+            idempotency_state("{\"ids\":[]}", "aa"),
+            Idempotency::Done("{\"ids\":[]}".into())
+        );
+    }
 }

@@ -25,10 +25,28 @@ pub const RESERVED_HEADERS: &[&str] = &[
     "transfer-encoding",
 ];
 
+/// Name prefixes the signing schemes own (`x-pusher-*`, `webhook-*`), and
+/// connection-level headers no plugin or endpoint may set.
+pub const RESERVED_PREFIXES: &[&str] = &["x-pusher-", "webhook-", "proxy-"];
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+];
+
 pub fn is_reserved(name: &str) -> bool {
+    let starts = |prefix: &str| {
+        name.len() >= prefix.len()
+            && name.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+    };
     RESERVED_HEADERS
         .iter()
+        .chain(HOP_BY_HOP)
         .any(|r| r.eq_ignore_ascii_case(name))
+        || RESERVED_PREFIXES.iter().any(|p| starts(p))
 }
 
 pub const USER_AGENT_VALUE: &str = concat!("wasmhook/", env!("CARGO_PKG_VERSION"));
@@ -80,7 +98,8 @@ pub fn sign(app: &App, endpoint: &Endpoint, job: &Job, now_s: i64) -> SignedRequ
     for (name, value) in &endpoint.headers {
         headers.insert(name.clone(), value.clone());
     }
-    // Headers plugins added; the ones the signer owns are never taken from them.
+    // Headers plugins added. The ones the signer owns are never taken from
+    // them, and the endpoint's configured headers win over theirs.
     for (name, value) in &job.headers {
         if is_reserved(name) {
             continue;
@@ -88,7 +107,8 @@ pub fn sign(app: &App, endpoint: &Endpoint, job: &Job, now_s: i64) -> SignedRequ
         if let (Ok(n), Ok(v)) = (
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_str(value),
-        ) {
+        ) && !headers.contains_key(&n)
+        {
             headers.insert(n, v);
         }
     }
@@ -236,9 +256,36 @@ mod tests {
     }
 
     #[test]
+    fn plugin_headers_never_replace_the_operators_or_the_signers() {
+        let mut job = job();
+        job.headers = vec![
+            ("x-env".into(), "plugin".into()),
+            ("x-pusher-key".into(), "forged".into()),
+            ("x-pusher-extra".into(), "forged".into()),
+            ("webhook-anything".into(), "forged".into()),
+            ("connection".into(), "close".into()),
+            ("x-tag".into(), "kept".into()),
+        ];
+        let req = sign(&app(), &endpoint(Scheme::Pusher), &job, 1);
+        assert_eq!(req.headers["x-env"], "prod");
+        assert_eq!(req.headers["x-pusher-key"], "app-key");
+        assert!(!req.headers.contains_key("x-pusher-extra"));
+        assert!(!req.headers.contains_key("webhook-anything"));
+        assert!(!req.headers.contains_key("connection"));
+        assert_eq!(req.headers["x-tag"], "kept");
+    }
+
+    #[test]
     fn signature_headers_are_reserved_in_any_case() {
         assert!(is_reserved("X-Pusher-Signature"));
         assert!(is_reserved("Webhook-Id"));
         assert!(!is_reserved("X-Env"));
+        // Whole prefixes, not only the names signing uses today.
+        assert!(is_reserved("x-pusher-anything"));
+        assert!(is_reserved("WEBHOOK-Future"));
+        assert!(is_reserved("Connection"));
+        assert!(is_reserved("proxy-authorization"));
+        assert!(!is_reserved("x-pusher"));
+        assert!(!is_reserved("webhooks-x"));
     }
 }

@@ -228,14 +228,16 @@ async fn deliver(
 }
 
 /// What a failed attempt says about the endpoint: a failure for its breaker
-/// (no answer, 5xx, 408, 3xx), nothing (429, 425: the receiver is up and
-/// asks to wait; other 4xx: the request's fault), a slow-down for every
+/// (no answer, 5xx, 408, 3xx), an answer (other 4xx: the request's fault),
+/// nothing (429, 425: the receiver is up and asks to wait; a destination
+/// the network guard refused: nothing was sent), a slow-down for every
 /// worker (429/503 with `Retry-After`), or gone (410).
 fn signals(failure: &Failure) -> Vec<Signal> {
     let mut out = Vec::new();
     match (failure.kind, failure.status) {
         (FailureKind::Gone, _) => out.push(Signal::Disable("answered 410 Gone".into())),
-        (FailureKind::Permanent, _) => out.push(Signal::Success),
+        (FailureKind::Permanent, None) => {}
+        (FailureKind::Permanent, Some(_)) => out.push(Signal::Success),
         (FailureKind::Retryable, Some(429 | 425)) => {}
         (FailureKind::Retryable, _) => out.push(Signal::Failure),
     }
@@ -451,6 +453,7 @@ mod tests {
             signals(&failure(Permanent, Some(400), None)),
             [Signal::Success]
         );
+        assert_eq!(signals(&failure(Permanent, None, None)), []);
         assert_eq!(signals(&failure(Retryable, Some(429), None)), []);
         assert_eq!(
             signals(&failure(Retryable, Some(429), Some(3))),

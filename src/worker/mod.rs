@@ -64,7 +64,10 @@ impl Context {
                 apps: settings.apps.clone(),
                 pipeline,
             })),
-            deliverer: Deliverer::new(settings.delivery.max_response_bytes)?,
+            deliverer: Deliverer::new(
+                settings.delivery.max_response_bytes,
+                &settings.delivery.egress,
+            )?,
             retry: settings.retry.clone(),
             scheduler: Scheduler::new(settings.queues.concurrency, caps(settings)),
         })

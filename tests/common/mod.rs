@@ -310,7 +310,8 @@ pub fn verify_standard(r: &Received, secret: &str) {
 }
 
 /// Config text for tests: fast schedules, short intervals, Redis at `redis`
-/// with its own prefix, and the given `[[apps]]` text.
+/// with its own prefix, loopback allowed by the network guard (receivers
+/// are on 127.0.0.1), and the given `[[apps]]` text.
 pub fn config(redis: Option<&str>, prefix: &str, listen: &str, apps: &str) -> String {
     let redis = match redis {
         Some(url) => format!("url = \"{url}\"\n"),
@@ -336,6 +337,7 @@ jitter = 0.0
 
 [delivery]
 timeout = "1s"
+allow_networks = ["127.0.0.0/8"]
 
 [log]
 level = "wasmhook=debug,warn"
@@ -560,6 +562,9 @@ pub fn plugin(name: &str) -> PathBuf {
 /// `[wasm]` for tests: a compile cache shared by the test run, fast file watching.
 pub fn wasm_section(extra: &str) -> String {
     let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache");
+    // The cache is used only when private to this user.
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::set_permissions(&cache, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     format!(
         "\n[wasm]\ncache_dir = \"{}\"\nwatch_interval = \"100ms\"\n{extra}\n",
         cache.display()

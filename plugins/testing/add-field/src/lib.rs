@@ -5,6 +5,7 @@
 //!   objects on the way are created, embedded JSON strings are crossed.
 //! - `value`: its value, a string (default `add-field`).
 //! - `json`: `true` to parse `value` as JSON instead (default `false`).
+//! - `log`: a message to write to the host's log (info level) first.
 
 use wasmhook_plugin_sdk::{Decision, Error, Event, Plugin, Value, export_plugin, json};
 
@@ -12,6 +13,9 @@ struct AddField;
 
 impl Plugin for AddField {
     fn handle(event: Event) -> Result<Decision, Error> {
+        if let Some(message) = event.config("log") {
+            wasmhook_plugin_sdk::log::info(message);
+        }
         let field = event.config_or("field", "added_by");
         let raw = event.config_or("value", "add-field");
         let value = if event.config_bool("json", false)? {
