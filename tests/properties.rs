@@ -636,3 +636,130 @@ proptest! {
         }
     }
 }
+
+// ---- plugin decisions ------------------------------------------------------
+
+mod decisions {
+    use std::collections::HashSet;
+
+    use proptest::collection::vec;
+    use proptest::option;
+    use proptest::prelude::*;
+    use wasmhook::event::Event;
+    use wasmhook::pipeline::{Decision, Message};
+    use wasmhook::plugin::{DecisionBounds, MAX_REASON, PluginFailure, check_decision, wit};
+
+    /// The payload the plugin was given.
+    const PAYLOAD: &str = r#"{"name":"client_event","channel":"private-a","data":"{}"}"#;
+
+    fn header_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => "[A-Za-z0-9-]{1,12}",
+            1 => Just("x a".to_string()),
+            1 => Just(String::new()),
+            1 => ".{0,8}",
+        ]
+    }
+
+    fn header_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => "[ -~]{0,20}",
+            1 => Just("line\r\nx-injected: 1".to_string()),
+            1 => ".{0,8}",
+        ]
+    }
+
+    fn payload() -> impl Strategy<Value = String> {
+        prop_oneof![
+            2 => Just(PAYLOAD.to_string()),
+            2 => ("[A-Za-z0-9_]{1,10}", option::of(".{0,10}"))
+                .prop_map(|(n, c)| serde_json::json!({"name": n, "channel": c}).to_string()),
+            1 => ".{0,40}",
+        ]
+    }
+
+    fn message() -> impl Strategy<Value = wit::Message> {
+        (
+            payload(),
+            vec(
+                (header_name(), header_value())
+                    .prop_map(|(name, value)| wit::Header { name, value }),
+                0..6,
+            ),
+            vec(
+                (".{0,6}", ".{0,12}").prop_map(|(key, value)| wit::Pair { key, value }),
+                0..6,
+            ),
+        )
+            .prop_map(|(payload, headers, metadata)| wit::Message {
+                payload,
+                headers,
+                metadata,
+            })
+    }
+
+    fn decision() -> impl Strategy<Value = wit::Decision> {
+        prop_oneof![
+            Just(wit::Decision::Keep),
+            prop_oneof![".{0,40}", ".{1000,1100}"].prop_map(wit::Decision::Drop),
+            message().prop_map(wit::Decision::Transform),
+            vec(
+                ("[a-d]{1,2}", option::of(message()))
+                    .prop_map(|(endpoint, message)| wit::RouteTarget { endpoint, message }),
+                0..6,
+            )
+            .prop_map(wit::Decision::Route),
+        ]
+    }
+
+    fn bounds() -> impl Strategy<Value = DecisionBounds> {
+        (0usize..2048, 0usize..6, 0usize..6, 0usize..6).prop_map(
+            |(max_output, max_headers, max_metadata, max_routes)| DecisionBounds {
+                max_output,
+                max_headers,
+                max_metadata,
+                max_routes,
+            },
+        )
+    }
+
+    fn within(m: &Message, b: &DecisionBounds) -> Result<(), TestCaseError> {
+        prop_assert!(m.headers.len() <= b.max_headers);
+        prop_assert!(m.metadata.len() <= b.max_metadata);
+        for (name, value) in &m.headers {
+            prop_assert!(reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_ok());
+            prop_assert!(reqwest::header::HeaderValue::from_str(value).is_ok());
+        }
+        prop_assert_eq!(m.event.validate(), Ok(()));
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(super::config())]
+
+        #[test]
+        fn decisions_are_refused_or_within_bounds(d in decision(), b in bounds()) {
+            let event = Event::from_json(serde_json::from_str(PAYLOAD).unwrap()).unwrap();
+            let asked = d.clone();
+            match check_decision(d, PAYLOAD, &event, &b) {
+                Err(PluginFailure::OutputTooLarge { size, limit }) => prop_assert!(size > limit),
+                Err(PluginFailure::BadOutput(m)) => prop_assert!(!m.is_empty()),
+                Err(other) => prop_assert!(false, "unexpected failure {other:?}"),
+                Ok(Decision::Keep) => prop_assert!(matches!(asked, wit::Decision::Keep)),
+                Ok(Decision::Drop(reason)) => prop_assert!(reason.len() <= MAX_REASON + 32),
+                Ok(Decision::Transform(m)) => within(&m, &b)?,
+                Ok(Decision::Route(targets)) => {
+                    prop_assert!(targets.len() <= b.max_routes);
+                    let mut seen = HashSet::new();
+                    for t in &targets {
+                        prop_assert!(seen.insert(t.endpoint.clone()), "{} twice", t.endpoint);
+                        if let Some(m) = &t.message {
+                            within(m, &b)?;
+                        }
+                    }
+                }
+                Ok(other) => prop_assert!(false, "a guest cannot decide {other:?}"),
+            }
+        }
+    }
+}
