@@ -34,7 +34,7 @@ pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 mod duration {
     use std::time::Duration;
 
-    use serde::de::Error;
+    use serde::de::{Error, Unexpected};
     use serde::{Deserialize, Deserializer};
 
     pub trait Bounded {
@@ -61,7 +61,10 @@ mod duration {
     {
         let value: T = humantime_serde::deserialize(d)?;
         if value.length().is_some_and(|l| l > super::MAX_DURATION) {
-            return Err(D::Error::custom("must be at most 100 years (\"36500d\")"));
+            return Err(D::Error::invalid_value(
+                Unexpected::Other("a longer duration"),
+                &"a duration of at most 100 years (\"36500d\")",
+            ));
         }
         Ok(value)
     }
