@@ -24,6 +24,28 @@ async fn send(ingest: &str, app: &str, event: Value) -> String {
     body["ids"][0].as_str().unwrap().to_string()
 }
 
+/// A temporary directory only this user may use (the plugin cache is used
+/// only in one).
+fn private_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    dir
+}
+
+/// Engine settings with a compile cache in `cache`.
+fn cached_engine(cache: &tempfile::TempDir, warm: u32) -> wasmhook::plugin::EngineSettings {
+    wasmhook::plugin::EngineSettings {
+        cache_dir: Some(cache.path().to_path_buf()),
+        max_instances: 4,
+        warm_instances: warm,
+        ..Default::default()
+    }
+}
+
 /// Limits for calling a plugin straight on an engine.
 fn test_limits(deadline: Duration, max_reuse: u32) -> wasmhook::plugin::Limits {
     wasmhook::plugin::Limits {
@@ -681,22 +703,9 @@ async fn plugin_test_inspect_and_new_work_from_the_command_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compiled_plugins_are_cached_on_disk_and_a_bad_cache_entry_is_ignored() {
-    use wasmhook::plugin::{EngineSettings, FailurePolicy, PluginEngine};
-    let cache = tempfile::tempdir().unwrap();
-    // The cache is used only when private to this user.
-    std::fs::set_permissions(
-        cache.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    )
-    .unwrap();
-    let settings = EngineSettings {
-        cache_dir: Some(cache.path().to_path_buf()),
-        max_instances: 4,
-        warm_instances: 4,
-        max_memory: 32 << 20,
-        fuel: false,
-        ..Default::default()
-    };
+    use wasmhook::plugin::{FailurePolicy, PluginEngine};
+    let cache = private_dir();
+    let settings = cached_engine(&cache, 4);
     let limits = test_limits(Duration::from_millis(50), 1);
     let cached = || {
         std::fs::read_dir(cache.path())
@@ -794,22 +803,9 @@ async fn a_plugin_log_call_is_one_line_whatever_it_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planted_artifact_of_another_plugin_is_not_run() {
     use wasmhook::pipeline::Decision;
-    use wasmhook::plugin::{EngineSettings, FailurePolicy, PluginEngine};
-    let cache = tempfile::tempdir().unwrap();
-    // The cache is used only when private to this user.
-    std::fs::set_permissions(
-        cache.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    )
-    .unwrap();
-    let settings = EngineSettings {
-        cache_dir: Some(cache.path().to_path_buf()),
-        max_instances: 4,
-        warm_instances: 0,
-        max_memory: 32 << 20,
-        fuel: false,
-        ..Default::default()
-    };
+    use wasmhook::plugin::{FailurePolicy, PluginEngine};
+    let cache = private_dir();
+    let settings = cached_engine(&cache, 0);
     let limits = test_limits(Duration::from_secs(10), 1);
     let artifact_of = |hash: &str| {
         std::fs::read_dir(cache.path())
