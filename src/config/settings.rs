@@ -22,6 +22,15 @@ use crate::pipeline::route::ChannelFilter;
 use crate::plugin::{ComponentCaps, EngineSettings, Limits, PluginSpec};
 use crate::queue::{EndpointTenancy, Keys, QueueOptions, Tenancy};
 use crate::ratelimit::RateLimit;
+
+/// Largest count of jobs, slots or turns a config may set: far above what
+/// one process can use, and small enough that sizes derived from it (channel
+/// capacities, sums) cannot overflow.
+const MAX_COUNT: usize = 1_000_000;
+/// Largest `wasm.max_instances` and `wasm.warm_instances`.
+const MAX_INSTANCES: u32 = 10_000;
+/// Largest per-plugin cap on core instances, memories or tables.
+const MAX_PER_PLUGIN: u32 = 1_000;
 use crate::signing::{self, standard::StandardKey};
 
 #[derive(Debug, Clone)]
@@ -191,6 +200,8 @@ pub(super) fn build(
     ] {
         if n == 0 {
             c.fail(key, "must be at least 1");
+        } else if n > MAX_COUNT {
+            c.fail(key, format!("must be at most {MAX_COUNT}"));
         }
     }
     for (key, d) in [
@@ -421,6 +432,17 @@ fn build_plugins(
     ] {
         if value == 0 {
             c.fail(key, "must be at least 1");
+        } else if value > MAX_PER_PLUGIN {
+            c.fail(key, format!("must be at most {MAX_PER_PLUGIN}"));
+        }
+    }
+    // The instance pool is sized from these (instances × per-plugin caps).
+    for (key, value) in [
+        ("wasm.max_instances", wasm.max_instances),
+        ("wasm.warm_instances", wasm.warm_instances),
+    ] {
+        if value > MAX_INSTANCES {
+            c.fail(key, format!("must be at most {MAX_INSTANCES}"));
         }
     }
     if wasm.deadline.is_zero() {

@@ -674,3 +674,17 @@ fn the_automatic_plugin_cache_is_per_user_or_none() {
     assert_eq!(dir(&[]), None);
     assert_eq!(dir(&[("HOME", "")]), None);
 }
+
+#[test]
+fn counts_too_large_to_size_anything_from_are_refused() {
+    let p = problems(
+        "[queues]\nconcurrency = 1000001\n[wasm]\nmax_instances = 4294967295\nplugin_max_memories = 100000\n",
+    );
+    let has = |want: &str| p.iter().any(|m| m.starts_with(want));
+    assert!(has("queues.concurrency: must be at most 1000000"), "{p:?}");
+    assert!(has("wasm.max_instances: must be at most 10000"), "{p:?}");
+    assert!(
+        has("wasm.plugin_max_memories: must be at most 1000"),
+        "{p:?}"
+    );
+}
