@@ -375,3 +375,59 @@ async fn the_oldest_ready_age_grows_while_an_app_waits_and_ends_with_its_turn() 
     assert_eq!(taken.jobs.len(), 1);
     assert_eq!(q.depth().await.unwrap().oldest_ready_ms, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_waits_are_counted_fleet_wide_and_per_endpoint() {
+    let redis = RedisServer::start();
+    let text = config(
+        Some(&redis.url),
+        &prefix("ratelimited"),
+        "127.0.0.1:0",
+        &app(
+            "app-1",
+            "\n[[apps.webhooks]]\nid = \"slow\"\nurl = \"http://127.0.0.1:9/x\"\nrate_limit = \"1/h\"\n",
+        ),
+    );
+    let q = queue(&text);
+    q.configure(&settings(&text).tenancy()).await.unwrap();
+    let job = wasmhook::event::Job::new(
+        "app-1",
+        wasmhook::event::Event::from_json(json!({"name": "e"})).unwrap(),
+        wasmhook::event::now_ms(),
+    )
+    .for_endpoint("slow");
+    q.enqueue("app-1", &[job.clone(), job.clone(), job])
+        .await
+        .unwrap();
+    let status = |q: wasmhook::queue::Queue| async move {
+        q.endpoints(&[("app-1".into(), "slow".into())])
+            .await
+            .unwrap()
+            .remove(0)
+    };
+    assert_eq!(status(q.clone()).await.rate_limited_waits, 0);
+
+    // One job goes; the limiter holds the rest.
+    let taken = q
+        .take(&TakeRequest {
+            max: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(taken.jobs.len(), 1);
+    let slow = status(q.clone()).await;
+    assert_eq!(slow.rate_limited_waits, 1);
+    assert!(slow.held_until_ms.is_some());
+    assert_eq!(q.stats().await.unwrap().get("rate_limited"), Some(&1));
+    // Held: a take finds nothing to do and counts nothing more.
+    let taken = q
+        .take(&TakeRequest {
+            max: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(taken.jobs.is_empty());
+    assert_eq!(status(q.clone()).await.rate_limited_waits, 1);
+}
