@@ -53,8 +53,8 @@ pub async fn serve(
 /// As [`serve`]; with a config file, SIGHUP reloads it: apps, endpoints and
 /// plugins are swapped in atomically (jobs in flight finish with what they
 /// started with). A config that does not load, or a plugin that does not,
-/// is rejected with its reason and the running one stays. Queue, Redis and
-/// server settings need a restart.
+/// is rejected with its reason and the running one stays. Queue, Redis,
+/// server and metrics settings need a restart.
 pub async fn serve_with_reload(
     settings: Settings,
     mode: Mode,

@@ -16,7 +16,7 @@ pub mod scrape;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, RwLock};
+use std::sync::{Arc, LazyLock, Mutex, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
@@ -146,7 +146,6 @@ impl EncodeMetric for Timer {
 }
 
 /// A plugin's series, made on its first call.
-#[derive(Clone)]
 struct PluginSeries {
     duration: Timer,
     /// By [`PLUGIN_FAILURES`] index.
@@ -190,7 +189,10 @@ pub struct Metrics {
     delivery_latency: Timer,
     plugin_duration: Family<Labels, Timer, fn() -> Timer>,
     plugin_failures: Family<Labels, Counter>,
-    plugins: RwLock<HashMap<String, PluginSeries>>,
+    plugins: RwLock<HashMap<String, Arc<PluginSeries>>>,
+    /// Held while a scrape sets the gauges and renders, so that concurrent
+    /// scrapes each see a complete set.
+    scrape: Mutex<()>,
     breaker_transitions: Vec<Counter>,
     ingest: Vec<Counter>,
     ingest_other: Counter,
@@ -368,6 +370,7 @@ impl Metrics {
             plugin_duration,
             plugin_failures,
             plugins: RwLock::default(),
+            scrape: Mutex::new(()),
             breaker_transitions: labelled(&breaker_f, "state", &BREAKER_STATES),
             ingest: INGEST_STATUSES
                 .iter()
@@ -390,7 +393,7 @@ impl Metrics {
         }
     }
 
-    fn plugin(&self, name: &str) -> PluginSeries {
+    fn plugin(&self, name: &str) -> Arc<PluginSeries> {
         if let Some(s) = self
             .plugins
             .read()
@@ -399,7 +402,7 @@ impl Metrics {
         {
             return s.clone();
         }
-        let series = PluginSeries {
+        let series = Arc::new(PluginSeries {
             duration: self
                 .plugin_duration
                 .get_or_create_owned(&vec![("plugin", name.to_string())]),
@@ -412,7 +415,7 @@ impl Metrics {
                     ])
                 })
                 .collect(),
-        };
+        });
         self.plugins
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -501,8 +504,7 @@ fn gauge(v: u64) -> i64 {
 }
 
 /// Sets the queue gauges from a scrape's read (None: the read failed).
-pub fn set_queue(q: Option<&QueueGauges>) {
-    let m = m();
+fn set_queue(m: &Metrics, q: Option<&QueueGauges>) {
     let Some(q) = q else {
         m.queue_up.set(0);
         return;
@@ -522,8 +524,7 @@ pub fn set_queue(q: Option<&QueueGauges>) {
 }
 
 /// Replaces the opted-in endpoints' gauges.
-pub fn set_endpoints(endpoints: &[EndpointGauges]) {
-    let m = m();
+fn set_endpoints(m: &Metrics, endpoints: &[EndpointGauges]) {
     m.endpoint_state.clear();
     m.endpoint_held.clear();
     m.endpoint_waiting.clear();
@@ -550,11 +551,19 @@ pub fn set_endpoints(endpoints: &[EndpointGauges]) {
 /// The content type of [`render`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Every series, in the OpenMetrics text format.
-pub fn render() -> String {
+/// Every series, in the OpenMetrics text format, after setting the queue
+/// gauges from a scrape's read (`queue` None: the read failed) and, when
+/// read, the listed endpoints' gauges.
+pub fn render(queue: Option<&QueueGauges>, endpoints: Option<&[EndpointGauges]>) -> String {
+    let m = m();
+    let _one_at_a_time = m.scrape.lock().unwrap_or_else(|p| p.into_inner());
+    set_queue(m, queue);
+    if let Some(endpoints) = endpoints {
+        set_endpoints(m, endpoints);
+    }
     let mut out = String::with_capacity(16 * 1024);
     // Writing to a String cannot fail.
-    let _ = prometheus_client::encoding::text::encode(&mut out, &m().registry);
+    let _ = prometheus_client::encoding::text::encode(&mut out, &m.registry);
     out
 }
 
@@ -580,7 +589,7 @@ mod tests {
     fn renders_openmetrics_with_the_prefix() {
         job_outcome("delivered");
         delivery_attempt(Duration::from_millis(3), Some(503));
-        let text = render();
+        let text = render(None, None);
         assert!(text.ends_with("# EOF\n"));
         assert!(text.contains("wasmhook_deliveries_total{outcome=\"delivered\"}"));
         assert!(text.contains("wasmhook_delivery_attempts_total{status_class=\"5xx\"}"));

@@ -60,18 +60,18 @@ async fn metrics(State(scrape): State<Arc<Scrape>>, headers: HeaderMap) -> Respo
         )
             .into_response();
     }
-    let queue = tokio::time::timeout(QUEUE_TIMEOUT, read_queue(&scrape.queue)).await;
-    match queue {
-        Ok(Ok(q)) => super::set_queue(Some(&q)),
+    let queue = match tokio::time::timeout(QUEUE_TIMEOUT, read_queue(&scrape.queue)).await {
+        Ok(Ok(q)) => Some(q),
         Ok(Err(e)) => {
             debug!(error = %e, "metrics: cannot read the queue");
-            super::set_queue(None);
+            None
         }
         Err(_) => {
             super::redis_error();
-            super::set_queue(None);
+            None
         }
-    }
+    };
+    let mut endpoints = None;
     if !scrape.settings.endpoints.is_empty() {
         let read = tokio::time::timeout(
             QUEUE_TIMEOUT,
@@ -79,25 +79,23 @@ async fn metrics(State(scrape): State<Arc<Scrape>>, headers: HeaderMap) -> Respo
         )
         .await;
         if let Ok(Ok(states)) = read {
-            let gauges: Vec<EndpointGauges> = states
-                .into_iter()
-                .map(|s| EndpointGauges {
-                    app: s.app,
-                    endpoint: s.endpoint,
-                    state: s.state.name(),
-                    held: s.held_until_ms.is_some(),
-                    waiting: s.waiting,
-                    rate_limited: s.rate_limited_waits,
-                })
-                .collect();
-            super::set_endpoints(&gauges);
+            endpoints = Some(
+                states
+                    .into_iter()
+                    .map(|s| EndpointGauges {
+                        app: s.app,
+                        endpoint: s.endpoint,
+                        state: s.state.name(),
+                        held: s.held_until_ms.is_some(),
+                        waiting: s.waiting,
+                        rate_limited: s.rate_limited_waits,
+                    })
+                    .collect::<Vec<_>>(),
+            );
         }
     }
-    (
-        [(header::CONTENT_TYPE, super::CONTENT_TYPE)],
-        super::render(),
-    )
-        .into_response()
+    let text = super::render(queue.as_ref(), endpoints.as_deref());
+    ([(header::CONTENT_TYPE, super::CONTENT_TYPE)], text).into_response()
 }
 
 fn authorized(headers: &HeaderMap, token: &str) -> bool {
