@@ -1504,6 +1504,26 @@ mod tests {
         assert_eq!(status(&s, "a", "e", 0).held_until_ms, Some(100));
         assert!(take(&mut s, 10, 50).jobs.is_empty());
         assert_eq!(ids(&take(&mut s, 10, 100)), ["a/e/1"]);
+        // Each hold for the limit is counted, per endpoint and in the stats.
+        assert_eq!(status(&s, "a", "e", 100).rate_limited_waits, 2);
+        assert_eq!(s.stats.get("rate_limited"), Some(&2));
+    }
+
+    #[test]
+    fn the_oldest_ready_age_counts_from_joining_or_the_last_turn() {
+        let mut s = State::default();
+        assert_eq!(s.depth(now_ms()).oldest_ready_ms, 0);
+        s.enqueue("a", &jobs("a", None, 2));
+        let at = now_ms() + 5_000;
+        let before = s.depth(at).oldest_ready_ms;
+        assert!(before >= 5_000);
+        // A turn that leaves work: the wait starts again from the turn.
+        take(&mut s, 1, T0);
+        let after = s.depth(at).oldest_ready_ms;
+        assert!(after <= before && after <= 5_000);
+        // Nothing left ready: no wait.
+        take(&mut s, 10, T0);
+        assert_eq!(s.depth(at).oldest_ready_ms, 0);
     }
 
     #[test]
