@@ -6,7 +6,7 @@
 //! The flow, module by module (ARCHITECTURE.md has the long form):
 //! [`ingest`] → [`queue`] → [`worker`] ([`scheduler`]) → [`pipeline`] → [`signing`] →
 //! [`delivery`]; [`breaker`] and [`ratelimit`] guard endpoints; [`netguard`]
-//! keeps deliveries off internal networks.
+//! keeps deliveries off internal networks; [`metrics`] counts what happens.
 
 pub mod app;
 pub mod breaker;
@@ -15,6 +15,7 @@ pub mod config;
 pub mod delivery;
 pub mod event;
 pub mod ingest;
+pub mod metrics;
 pub mod netguard;
 pub mod pipeline;
 pub mod plugin;

@@ -11,6 +11,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Settings;
 use crate::ingest::{self, Ingest};
+use crate::metrics::scrape;
 use crate::plugin::{self, PluginEngine, Registry};
 use crate::queue::{MemoryQueue, Queue, RedisQueue};
 use crate::worker::{self, Tenants};
@@ -52,8 +53,8 @@ pub async fn serve(
 /// As [`serve`]; with a config file, SIGHUP reloads it: apps, endpoints and
 /// plugins are swapped in atomically (jobs in flight finish with what they
 /// started with). A config that does not load, or a plugin that does not,
-/// is rejected with its reason and the running one stays. Queue, Redis and
-/// server settings need a restart.
+/// is rejected with its reason and the running one stays. Queue, Redis,
+/// server and metrics settings need a restart.
 pub async fn serve_with_reload(
     settings: Settings,
     mode: Mode,
@@ -102,12 +103,30 @@ pub async fn serve_with_reload(
             server: settings.server.clone(),
         });
         ingest_state = Some(state.clone());
+        let mut router = ingest::router(state);
+        if settings.metrics.on_ingest {
+            router = router.merge(scrape::router(queue.clone(), settings.metrics.clone()));
+        }
         let stop = shutdown.clone();
         tasks.spawn(async move {
-            axum::serve(listener, ingest::router(state))
+            axum::serve(listener, router)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await
                 .context("ingest server failed")
+        });
+    }
+    if let Some(address) = settings.metrics.listen {
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding the metrics listener to {address}"))?;
+        info!(address = %listener.local_addr()?, "metrics listening");
+        let router = scrape::router(queue.clone(), settings.metrics.clone());
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+                .context("metrics server failed")
         });
     }
     let mut worker_ctx = None;

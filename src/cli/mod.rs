@@ -410,17 +410,18 @@ async fn queues(settings: &Settings, app: Option<String>) -> anyhow::Result<()> 
     let stats = queue.stats().await?;
     let counters: Vec<String> = stats.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!(
-        "{:>8} {:>9} {:>8} {:>6} {:>11} {:>6}  counters",
-        "ready", "in_flight", "delayed", "held", "active_apps", "dead"
+        "{:>8} {:>9} {:>8} {:>6} {:>11} {:>6} {:>12}  counters",
+        "ready", "in_flight", "delayed", "held", "active_apps", "dead", "oldest_ready"
     );
     println!(
-        "{:>8} {:>9} {:>8} {:>6} {:>11} {:>6}  {}",
+        "{:>8} {:>9} {:>8} {:>6} {:>11} {:>6} {:>12}  {}",
         d.ready,
         d.in_flight,
         d.delayed,
         d.held,
         d.active_apps,
         d.dead,
+        format!("{:.3}s", d.oldest_ready_ms as f64 / 1000.0),
         counters.join(" ")
     );
     Ok(())

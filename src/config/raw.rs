@@ -80,11 +80,27 @@ pub struct RawConfig {
     pub delivery: RawDelivery,
     pub log: RawLog,
     pub wasm: RawWasm,
+    pub metrics: RawMetrics,
     /// Plugins by name.
     #[serde(default)]
     pub plugins: BTreeMap<String, RawPlugin>,
     #[serde(default)]
     pub apps: Vec<RawApp>,
+}
+
+/// Prometheus metrics at `/metrics`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// Serve `/metrics` on the ingest listener.
+    pub enabled: bool,
+    /// An address of its own for `/metrics`; "" = none.
+    pub listen: String,
+    /// "" = no token.
+    pub token: String,
+    /// "app/endpoint" pairs with per-endpoint series.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
 }
 
 /// The plugin engine, and the limits every plugin gets unless it sets its own.

@@ -17,6 +17,7 @@ use crate::breaker::BreakerSettings;
 use crate::delivery::retry::RetryPolicy;
 use crate::delivery::{Egress, ProxySettings};
 use crate::event::valid_name;
+use crate::metrics::scrape::{MAX_ENDPOINTS, MetricsSettings};
 use crate::netguard::NetGuard;
 use crate::pipeline::route::ChannelFilter;
 use crate::plugin::{ComponentCaps, EngineSettings, Limits, PluginSpec};
@@ -44,6 +45,7 @@ pub struct Settings {
     pub delivery: DeliverySettings,
     pub log: LogSettings,
     pub wasm: EngineSettings,
+    pub metrics: MetricsSettings,
     /// How often plugin files are checked for replacement.
     pub watch_interval: Duration,
     pub plugins: Vec<PluginSpec>,
@@ -297,6 +299,8 @@ pub(super) fn build(
         );
     }
 
+    let metrics = build_metrics(&mut c, &raw.metrics, &apps);
+
     if !c.0.is_empty() {
         return Err(c.0);
     }
@@ -332,11 +336,55 @@ pub(super) fn build(
             level: raw.log.level,
         },
         wasm,
+        metrics,
         watch_interval: raw.wasm.watch_interval,
         plugins,
         apps: Apps::new(apps),
         warnings,
     })
+}
+
+fn build_metrics(c: &mut Check, raw: &super::raw::RawMetrics, apps: &[App]) -> MetricsSettings {
+    let listen = if raw.listen.is_empty() {
+        None
+    } else {
+        raw.listen
+            .parse::<SocketAddr>()
+            .map(Some)
+            .unwrap_or_else(|_| {
+                c.fail(
+                    "metrics.listen",
+                    "must be an address and port, e.g. 127.0.0.1:9090, or \"\" for none",
+                );
+                None
+            })
+    };
+    if raw.endpoints.len() > MAX_ENDPOINTS {
+        c.fail(
+            "metrics.endpoints",
+            format!("at most {MAX_ENDPOINTS} endpoints: each has series of its own"),
+        );
+    }
+    let mut endpoints = Vec::new();
+    for (i, pair) in raw.endpoints.iter().enumerate() {
+        let found = pair.split_once('/').filter(|(app, ep)| {
+            apps.iter()
+                .any(|a| a.id == *app && a.endpoints.iter().any(|e| e.id == *ep))
+        });
+        match found {
+            Some((app, ep)) => endpoints.push((app.to_string(), ep.to_string())),
+            None => c.fail(
+                format!("metrics.endpoints[{i}]"),
+                "must be \"<app id>/<endpoint id>\" naming an endpoint in [[apps]]",
+            ),
+        }
+    }
+    MetricsSettings {
+        on_ingest: raw.enabled,
+        listen,
+        token: (!raw.token.is_empty()).then(|| Secret::new(raw.token.as_str())),
+        endpoints,
+    }
 }
 
 /// Endpoints the network guard will refuse, judged from their URLs alone

@@ -688,3 +688,50 @@ fn counts_too_large_to_size_anything_from_are_refused() {
         "{p:?}"
     );
 }
+
+#[test]
+fn metrics_are_on_the_ingest_listener_by_default_and_nowhere_else() {
+    let s = load(APP).unwrap();
+    assert!(s.metrics.on_ingest);
+    assert_eq!(s.metrics.listen, None);
+    assert!(s.metrics.token.is_none());
+    assert!(s.metrics.endpoints.is_empty());
+}
+
+#[test]
+fn metrics_settings_are_checked_without_echoing_them() {
+    let p = problems(&format!(
+        "{APP}\n[metrics]\nlisten = \"secret-host:x\"\nendpoints = [\"app-1/nope\", \"private-app\"]\n"
+    ));
+    assert_eq!(p.len(), 3, "{p:?}");
+    assert!(p[0].starts_with("metrics.listen: must be an address"));
+    assert!(p[1].starts_with("metrics.endpoints[0]: must be"));
+    assert!(p[2].starts_with("metrics.endpoints[1]: must be"));
+    for e in &p {
+        assert!(
+            !e.contains("secret-host") && !e.contains("nope") && !e.contains("private-app"),
+            "{e}"
+        );
+    }
+    let many: Vec<String> = (0..101).map(|_| "\"app-1/x\"".to_string()).collect();
+    let p = problems(&format!(
+        "{APP}\n[metrics]\nendpoints = [{}]\n",
+        many.join(",")
+    ));
+    assert!(p[0].starts_with("metrics.endpoints: at most 100"), "{p:?}");
+}
+
+#[test]
+fn a_listed_endpoint_is_found_by_its_id() {
+    let text = format!("{APP}\n[metrics]\nlisten = \"127.0.0.1:9090\"\ntoken = \"t\"\n");
+    let s = load(&text).unwrap();
+    let id = s.apps.get("app-1").unwrap().endpoints[1].id.clone();
+    let s = load(&format!("{text}endpoints = [\"app-1/{id}\"]\n")).unwrap();
+    assert_eq!(s.metrics.endpoints, [("app-1".to_string(), id)]);
+    assert_eq!(s.metrics.listen, Some("127.0.0.1:9090".parse().unwrap()));
+    assert!(s.metrics.token.as_ref().is_some_and(|t| t.matches("t")));
+    assert!(
+        !format!("{:?}", s.metrics).contains("\"t\""),
+        "the token stays out of Debug"
+    );
+}

@@ -53,7 +53,16 @@ pub fn router(state: Arc<Ingest>) -> Router {
     if state.server.echo {
         router = router.route("/v1/echo", post(echo::receive));
     }
-    router.with_state(state)
+    router
+        .layer(axum::middleware::from_fn(count_status))
+        .with_state(state)
+}
+
+/// Counts every ingest answer by status, for the metrics.
+async fn count_status(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    crate::metrics::ingest_request(response.status().as_u16());
+    response
 }
 
 async fn ready(State(state): State<Arc<Ingest>>) -> Response {

@@ -9,9 +9,10 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::{FailurePolicy, Limits, LoadError, Plugin, PluginEngine, PluginInput};
+use super::{FailurePolicy, Limits, LoadError, Plugin, PluginEngine, PluginFailure, PluginInput};
 use crate::app::App;
 use crate::event::Job;
+use crate::metrics;
 use crate::pipeline::{Decision, Stage, StageError, StageFuture};
 
 /// A plugin as the config defines it.
@@ -205,6 +206,7 @@ impl Stage for PluginStage {
 impl PluginStage {
     async fn run(&self, app: &App, job: &Job) -> Result<Decision, StageError> {
         let Some(plugin) = self.registry.get(&self.plugin) else {
+            metrics::plugin_call(&self.plugin, None, Some("not_loaded"));
             return Err(StageError {
                 stage: self.plugin.clone(),
                 message: "plugin is not loaded".into(),
@@ -221,6 +223,11 @@ impl PluginStage {
             endpoints: app.endpoints.len(),
         };
         let called = plugin.call(&input, &self.config).await;
+        metrics::plugin_call(
+            &self.plugin,
+            Some(called.elapsed),
+            called.decision.as_ref().err().map(failure_kind),
+        );
         let failure = match called.decision {
             Ok(decision) => {
                 debug!(
@@ -259,5 +266,19 @@ impl PluginStage {
                 )))
             }
         }
+    }
+}
+
+/// The metrics' name for a failure's kind.
+fn failure_kind(failure: &PluginFailure) -> &'static str {
+    match failure {
+        PluginFailure::Rejected(_) => "rejected",
+        PluginFailure::Trapped(_) => "trapped",
+        PluginFailure::TimedOut(_) => "timed_out",
+        PluginFailure::OutOfFuel(_) => "out_of_fuel",
+        PluginFailure::OutOfMemory(_) => "out_of_memory",
+        PluginFailure::OutputTooLarge { .. } => "output_too_large",
+        PluginFailure::BadOutput(_) => "bad_output",
+        PluginFailure::Instantiate(_) => "instantiate",
     }
 }

@@ -124,6 +124,8 @@ struct Endpoint {
     probe: Option<String>,
     /// The rate limiter's theoretical arrival time.
     tat: Option<f64>,
+    /// Times a take held it for its rate limit.
+    rate_limited_waits: u64,
 }
 
 #[derive(Default)]
@@ -135,6 +137,9 @@ struct App {
     scores: HashMap<Part, u64>,
     /// Its score in the ring, while it has an eligible partition.
     turn: Option<u64>,
+    /// Unix ms since it waits for a turn: since it joined the ring, or since
+    /// its last turn (for the metrics).
+    waiting_since: u64,
     endpoints: HashMap<String, Endpoint>,
 }
 
@@ -267,6 +272,7 @@ impl State {
                 if a.turn.is_none() {
                     let turn = tick(&mut self.vclock);
                     a.turn = Some(turn);
+                    a.waiting_since = now_ms();
                     self.ring.insert((turn, app.to_string()));
                     self.joined = true;
                 }
@@ -304,6 +310,7 @@ impl State {
             self.ring.remove(&(old, app.to_string()));
             let turn = tick(&mut self.vclock);
             a.turn = Some(turn);
+            a.waiting_since = now_ms();
             self.ring.insert((turn, app.to_string()));
         }
     }
@@ -319,6 +326,12 @@ impl State {
         let a = self.apps.entry(app.to_string()).or_default();
         a.parts.entry(part.clone()).or_default().push_front(job);
         self.refresh(app, &part);
+    }
+
+    /// A take held the endpoint for its rate limit.
+    fn count_rate_limited(&mut self, app: &str, endpoint: &str) {
+        self.endpoint_mut(app, endpoint).rate_limited_waits += 1;
+        *self.stats.entry("rate_limited".to_string()).or_default() += 1;
     }
 
     /// Holds the endpoint's partition until `until`, replacing any hold.
@@ -593,6 +606,7 @@ impl State {
                         self.lease_out(options, app, &part, admit.allowed as usize, None, now, out);
                     if let Some(next) = admit.next_at {
                         self.set_hold(app, endpoint, next.ceil() as u64);
+                        self.count_rate_limited(app, endpoint);
                     }
                     n
                 }
@@ -839,6 +853,13 @@ impl State {
                 .count() as u64,
             active_apps: self.ring.len() as u64,
             dead: self.dead.len() as u64,
+            oldest_ready_ms: self
+                .ring
+                .iter()
+                .filter_map(|(_, app)| self.apps.get(app))
+                .map(|a| a.waiting_since)
+                .min()
+                .map_or(0, |since| now.saturating_sub(since)),
         }
     }
 
@@ -879,6 +900,7 @@ impl State {
                     failing_since_ms: e.breaker.failing_since,
                     held_until_ms: (e.hold_until > now).then_some(e.hold_until),
                     reason: e.breaker.reason.clone(),
+                    rate_limited_waits: e.rate_limited_waits,
                 }
             })
             .collect()
@@ -1482,6 +1504,26 @@ mod tests {
         assert_eq!(status(&s, "a", "e", 0).held_until_ms, Some(100));
         assert!(take(&mut s, 10, 50).jobs.is_empty());
         assert_eq!(ids(&take(&mut s, 10, 100)), ["a/e/1"]);
+        // Each hold for the limit is counted, per endpoint and in the stats.
+        assert_eq!(status(&s, "a", "e", 100).rate_limited_waits, 2);
+        assert_eq!(s.stats.get("rate_limited"), Some(&2));
+    }
+
+    #[test]
+    fn the_oldest_ready_age_counts_from_joining_or_the_last_turn() {
+        let mut s = State::default();
+        assert_eq!(s.depth(now_ms()).oldest_ready_ms, 0);
+        s.enqueue("a", &jobs("a", None, 2));
+        let at = now_ms() + 5_000;
+        let before = s.depth(at).oldest_ready_ms;
+        assert!(before >= 5_000);
+        // A turn that leaves work: the wait starts again from the turn.
+        take(&mut s, 1, T0);
+        let after = s.depth(at).oldest_ready_ms;
+        assert!(after <= before && after <= 5_000);
+        // Nothing left ready: no wait.
+        take(&mut s, 10, T0);
+        assert_eq!(s.depth(at).oldest_ready_ms, 0);
     }
 
     #[test]
@@ -1612,6 +1654,7 @@ mod tests {
                 held: 1,
                 active_apps: 1,
                 dead: 1,
+                oldest_ready_ms: 0,
             }
         );
         assert_eq!(

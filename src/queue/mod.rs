@@ -210,6 +210,10 @@ pub struct Depth {
     /// Apps with eligible work.
     pub active_apps: u64,
     pub dead: u64,
+    /// How long the app that has waited longest for a turn has waited (ms):
+    /// since its work became eligible, or since its last turn; 0 when no app
+    /// has eligible work. A lower bound on the oldest ready job's wait.
+    pub oldest_ready_ms: u64,
 }
 
 /// An endpoint as the queue sees it.
@@ -231,6 +235,8 @@ pub struct EndpointStatus {
     pub held_until_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Times a take held it for its rate limit.
+    pub rate_limited_waits: u64,
 }
 
 /// A breaker that changed state in a commit (for the log).
@@ -283,12 +289,22 @@ impl Doorbell {
 }
 
 macro_rules! dispatch {
-    ($self:ident, $q:ident => $e:expr) => {
-        match $self {
+    ($self:ident, $q:ident => $e:expr) => {{
+        let result = match $self {
             Queue::Redis($q) => $e,
             Queue::Memory($q) => $e,
-        }
-    };
+        };
+        count_error(&result);
+        result
+    }};
+}
+
+/// Counts Redis failures for the metrics (where they are handled, they are
+/// logged).
+fn count_error<T>(result: &Result<T, QueueError>) {
+    if let Err(QueueError::Redis(_) | QueueError::Timeout(_)) = result {
+        crate::metrics::redis_error();
+    }
 }
 
 impl Queue {

@@ -376,13 +376,15 @@ impl RedisQueue {
 
     pub(super) async fn depth(&self) -> Result<Depth, QueueError> {
         let k = |n: &str| self.keys.key(n);
-        let (ready, in_flight, delayed, held, active_apps, dead): (
+        let (ready, in_flight, delayed, held, active_apps, dead, waiting, now): (
             Option<i64>,
             Option<i64>,
             u64,
             u64,
             u64,
             u64,
+            Vec<(String, f64)>,
+            (u64, u64),
         ) = redis::pipe()
             .get(k("count"))
             .get(k("inflight"))
@@ -391,6 +393,8 @@ impl RedisQueue {
             .zcard(k("ready"))
             .cmd("XLEN")
             .arg(k("dlq"))
+            .zrange_withscores(k("waiting"), 0, 0)
+            .cmd("TIME")
             .query_async(&mut self.conn.clone())
             .await?;
         Ok(Depth {
@@ -400,6 +404,11 @@ impl RedisQueue {
             held,
             active_apps,
             dead,
+            oldest_ready_ms: waiting.first().map_or(0, |(_, since)| {
+                // Redis's clock, as the scripts use it.
+                let now_ms = now.0 * 1000 + now.1 / 1000;
+                now_ms.saturating_sub(since.max(0.0) as u64)
+            }),
         })
     }
 
@@ -432,10 +441,10 @@ impl RedisQueue {
                 inv.arg(app).arg(ep);
             }
             let reply: Vec<Value> = inv.invoke_async(&mut self.conn.clone()).await?;
-            if reply.len() != chunk.len() * 8 {
+            if reply.len() != chunk.len() * 9 {
                 return Err(QueueError::Corrupt("endpoint status reply".into()));
             }
-            for ((app, ep), f) in chunk.iter().zip(reply.chunks_exact(8)) {
+            for ((app, ep), f) in chunk.iter().zip(reply.chunks_exact(9)) {
                 let text = |v: &Value| redis::from_redis_value_ref::<String>(v).unwrap_or_default();
                 let num =
                     |v: &Value| redis::from_redis_value_ref::<i64>(v).unwrap_or(0).max(0) as u64;
@@ -452,6 +461,7 @@ impl RedisQueue {
                     failing_since_ms: opt(num(&f[5])),
                     held_until_ms: opt(num(&f[6])),
                     reason: (!reason.is_empty()).then_some(reason),
+                    rate_limited_waits: num(&f[8]),
                 });
             }
         }
@@ -706,9 +716,15 @@ impl RedisDoorbell {
             match self.client.get_async_pubsub().await {
                 Ok(mut sub) => match sub.subscribe(&self.channel).await {
                     Ok(()) => self.sub = Some(sub),
-                    Err(e) => tracing::debug!(error = %e, "cannot subscribe to the doorbell"),
+                    Err(e) => {
+                        crate::metrics::redis_error();
+                        tracing::debug!(error = %e, "cannot subscribe to the doorbell")
+                    }
                 },
-                Err(e) => tracing::debug!(error = %e, "cannot connect for the doorbell"),
+                Err(e) => {
+                    crate::metrics::redis_error();
+                    tracing::debug!(error = %e, "cannot connect for the doorbell")
+                }
             }
             if self.sub.is_none() {
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -718,6 +734,7 @@ impl RedisDoorbell {
         let Some(sub) = self.sub.as_mut() else { return };
         if sub.on_message().next().await.is_none() {
             // The connection closed: subscribe again on the next call.
+            crate::metrics::redis_reconnect();
             self.sub = None;
         }
     }

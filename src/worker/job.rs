@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -12,6 +13,7 @@ use crate::app::{App, Endpoint};
 use crate::breaker::Signal;
 use crate::delivery::{AttemptResult, Failure, FailureKind};
 use crate::event::{Attempt, Job, now_ms};
+use crate::metrics;
 use crate::pipeline::{Prepared, Routing};
 use crate::queue::{Completion, DeadLetter, Effect, Leased, Stat};
 use crate::scheduler::Slot;
@@ -201,8 +203,17 @@ async fn deliver(
         };
         let now = now_ms();
         let request = signing::sign(app, &endpoint, &prepared, (now / 1000) as i64);
+        let started = std::time::Instant::now();
         let result = ctx.deliverer.send(request, endpoint.timeout).await;
-        let elapsed_ms = now_ms().saturating_sub(now);
+        let elapsed = started.elapsed();
+        let elapsed_ms = elapsed.as_millis() as u64;
+        metrics::delivery_attempt(
+            elapsed,
+            match &result {
+                AttemptResult::Delivered { status } => Some(*status),
+                AttemptResult::Failed(f) => f.status,
+            },
+        );
         let health = |signal| Effect::Health {
             app: app.id.clone(),
             endpoint: endpoint.id.clone(),
@@ -211,6 +222,9 @@ async fn deliver(
         let mut effects = match result {
             AttemptResult::Delivered { status } => {
                 info!(status, elapsed_ms, outcome = "delivered", "delivered");
+                metrics::delivered_after(Duration::from_millis(
+                    now_ms().saturating_sub(job.created_ms),
+                ));
                 vec![Effect::Count(Stat::Delivered), health(Signal::Success)]
             }
             AttemptResult::Failed(failure) => {

@@ -25,7 +25,7 @@ use crate::breaker::State;
 use crate::config::Settings;
 use crate::delivery::Deliverer;
 use crate::pipeline::Pipeline;
-use crate::queue::{Completion, Queue, RedisQueue};
+use crate::queue::{Completion, Effect, Queue, RedisQueue, Stat};
 use crate::scheduler::{Caps, Scheduler};
 
 /// Most outcomes committed in one call.
@@ -299,6 +299,8 @@ async fn inbox_loop(
             Ok(e) => e,
             Err(e) => {
                 warn!(error = %e, "inbox read failed; retrying");
+                crate::metrics::redis_error();
+                crate::metrics::redis_reconnect();
                 reader = None;
                 if pause(&mut backoff, &shutdown).await {
                     return;
@@ -352,6 +354,20 @@ async fn pause(backoff: &mut Duration, shutdown: &CancellationToken) -> bool {
 /// Records outcomes in batches. Runs until every job task is done; a batch
 /// that cannot be committed is retried, never dropped (if the process dies
 /// first, its leases expire and the jobs run again).
+/// Counts committed outcomes for the metrics.
+fn count_outcomes(batch: &[Completion]) {
+    for completion in batch {
+        for effect in &completion.effects {
+            if let Effect::Count(stat) = effect {
+                crate::metrics::job_outcome(match stat {
+                    Stat::Retried => "retry_scheduled",
+                    other => other.name(),
+                });
+            }
+        }
+    }
+}
+
 async fn commit_loop(
     ctx: Arc<Context>,
     mut done: mpsc::Receiver<Completion>,
@@ -378,7 +394,9 @@ async fn commit_loop(
         loop {
             match ctx.queue.commit(&batch).await {
                 Ok(changes) => {
+                    count_outcomes(&batch);
                     for c in changes {
+                        crate::metrics::breaker_transition(c.state.name());
                         let what = match c.state {
                             State::Closed => "circuit closed: the endpoint answers again",
                             State::Open => {

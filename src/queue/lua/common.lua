@@ -5,6 +5,8 @@
 --
 -- Layout (P = ARGV[1]):
 --   P..'ready'         ZSET app -> turn (apps with an eligible partition; lowest goes next)
+--   P..'waiting'       ZSET app -> unix ms since it waits for a turn (the apps in 'ready':
+--                      since it joined, or since its last turn; for the metrics)
 --   P..'parts:'..app   ZSET partition -> turn ('' = new events, else an endpoint id)
 --   P..'list:'..app..'|'..part   LIST of job ids (a partition), FIFO
 --   P..'jobs'          HASH job id -> job JSON (a job waiting, leased or delayed)
@@ -32,7 +34,7 @@ end
 local NOW = now_ms()
 local READY, HELD, DELAYED = P .. 'ready', P .. 'held', P .. 'delayed'
 local LEASES, JOBS, COUNT = P .. 'leases', P .. 'jobs', P .. 'count'
-local INFLIGHT = P .. 'inflight'
+local INFLIGHT, WAITING = P .. 'inflight', P .. 'waiting'
 local CONF, STATS, DLQ = P .. 'conf', P .. 'stats', P .. 'dlq'
 
 local function vnext() return redis.call('INCR', P .. 'vclock') end
@@ -99,6 +101,7 @@ local function activate(app, part)
   end
   if not redis.call('ZSCORE', READY, app) then
     redis.call('ZADD', READY, vnext(), app)
+    redis.call('ZADD', WAITING, NOW, app)
     ring()
   end
 end
@@ -107,6 +110,7 @@ local function deactivate(app, part)
   redis.call('ZREM', parts_key(app), part)
   if redis.call('ZCARD', parts_key(app)) == 0 then
     redis.call('ZREM', READY, app)
+    redis.call('ZREM', WAITING, app)
   end
 end
 

@@ -1,12 +1,12 @@
 -- Endpoint states. ARGV: 3 breaker window (ms), 4 n, then app, endpoint pairs.
 -- Returns per endpoint: state, waiting, requests, failures, consecutive,
--- failing since, hold, reason ('' when absent).
+-- failing since, hold, reason ('' when absent), rate-limited waits.
 local window = tonumber(ARGV[3])
 local out = {}
 for i = 5, 4 + 2 * tonumber(ARGV[4]), 2 do
   local app, ep = ARGV[i], ARGV[i + 1]
   local k = ep_key(app, ep)
-  local f = redis.call('HMGET', k, 'state', 'cf', 'since', 'hold', 'reason')
+  local f = redis.call('HMGET', k, 'state', 'cf', 'since', 'hold', 'reason', 'rlw')
   local n, failed = window_counts(k, window)
   local h = tonumber(f[4]) or 0
   if h <= NOW then h = 0 end
@@ -18,5 +18,6 @@ for i = 5, 4 + 2 * tonumber(ARGV[4]), 2 do
   out[#out + 1] = tonumber(f[3]) or 0
   out[#out + 1] = h
   out[#out + 1] = f[5] or ''
+  out[#out + 1] = tonumber(f[6]) or 0
 end
 return out

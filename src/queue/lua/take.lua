@@ -159,7 +159,11 @@ local function take_endpoint(app, ep, budget)
   local n = take_from(app, ep, allowed)
   tat = tat + n * interval
   redis.call('HSET', k, 'tat', tat)
-  if n < want and len > n then hold(app, ep, math.ceil(tat - tolerance), true) end
+  if n < want and len > n then
+    hold(app, ep, math.ceil(tat - tolerance), true)
+    redis.call('HINCRBY', k, 'rlw', 1)
+    redis.call('HINCRBY', STATS, 'rate_limited', 1)
+  end
   return n
 end
 
@@ -223,8 +227,10 @@ while remaining > 0 do
         if intake then intake_apps[app] = true end
         if redis.call('ZCARD', parts_key(app)) > 0 then
           redis.call('ZADD', READY, vnext(), app)
+          redis.call('ZADD', WAITING, NOW, app)
         else
           redis.call('ZREM', READY, app)
+          redis.call('ZREM', WAITING, app)
         end
       else
         stuck[app] = true
