@@ -30,9 +30,9 @@ pub enum Mode {
 /// embedded in-memory one.
 pub fn open_queue(settings: &Settings) -> anyhow::Result<Queue> {
     let options = settings.queue_options();
-    Ok(match &settings.redis_url {
-        Some(url) => Queue::Redis(
-            RedisQueue::connect(url, settings.keys.clone(), options)
+    Ok(match settings.redis_connection() {
+        Some(info) => Queue::Redis(
+            RedisQueue::connect(info, settings.keys.clone(), options)
                 .context("connecting to Redis")?,
         ),
         None => Queue::Memory(MemoryQueue::new(options)),
@@ -64,6 +64,11 @@ pub async fn serve_with_reload(
 ) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
     let queue = open_queue(&settings)?;
+    // A Redis that is down is waited for; one that refuses the login is a
+    // config error, said at start.
+    if let Err(e) = queue.check_login().await {
+        anyhow::bail!("{e}");
+    }
     if !queue.is_durable() {
         if mode != Mode::All {
             anyhow::bail!(

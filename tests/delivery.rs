@@ -747,3 +747,71 @@ async fn a_job_whose_task_panics_is_dead_lettered_after_its_retries_not_redelive
     stop.cancel();
     worker.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_user_with_a_password_file_delivers_and_a_refused_login_stops_serve() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let mut conn = redis.conn();
+    redis::cmd("ACL")
+        .arg(
+            &[
+                "SETUSER",
+                "hooks",
+                "on",
+                ">hooks-pw-123",
+                "~*",
+                "&*",
+                "+@all",
+            ][..],
+        )
+        .query::<()>(&mut conn)
+        .unwrap();
+    redis::cmd("CONFIG")
+        .arg(&["SET", "requirepass", "default-pw-456"][..])
+        .query::<()>(&mut conn)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("redis-password");
+    std::fs::write(&password_file, "hooks-pw-123\n").unwrap();
+    let base = config(
+        Some(&redis.url),
+        &prefix("acl"),
+        "127.0.0.1:0",
+        &app("app-1", &pusher_endpoint(&rx.url("hook"))),
+    );
+    let with = |auth: &str| base.replace("[redis]\n", &format!("[redis]\n{auth}\n"));
+
+    let text = with(&format!(
+        "username = \"hooks\"\npassword_file = \"{}\"",
+        password_file.display()
+    ));
+    let wh = Running::start(&text, Mode::All).await;
+    send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "client_event", "channel": "c"}),
+    )
+    .await;
+    let got = rx.wait_for("hook", 1, WAIT).await;
+    verify_pusher(&got[0], "app-1-key", APP_SECRET);
+    wh.shutdown().await;
+
+    for (auth, code) in [
+        (
+            "username = \"hooks\"\npassword = \"wrong-pw-789\"",
+            "WRONGPASS",
+        ),
+        ("", "NOAUTH"),
+    ] {
+        let run = Running::start(&with(auth), Mode::All).await;
+        let result = tokio::time::timeout(Duration::from_secs(20), run.task)
+            .await
+            .expect("serve stops at start")
+            .unwrap();
+        let error = format!("{:#}", result.unwrap_err());
+        assert!(error.contains("Redis refused the login"), "{error}");
+        assert!(error.contains(code), "{error}");
+        assert!(!error.contains("wrong-pw-789"), "{error}");
+    }
+}

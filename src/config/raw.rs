@@ -158,6 +158,13 @@ pub struct RawPluginRef {
 pub struct RawRedis {
     pub url: Option<String>,
     pub prefix: String,
+    /// ACL user; "" = the URL's, or none.
+    pub username: String,
+    /// "" = the URL's, or none. Best set from the environment
+    /// (`WASMHOOK_REDIS__PASSWORD`) or `password_file`.
+    pub password: String,
+    /// A file holding the password (one line); "" = none.
+    pub password_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

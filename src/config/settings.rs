@@ -24,6 +24,56 @@ use crate::plugin::{ComponentCaps, EngineSettings, Limits, PluginSpec};
 use crate::queue::{EndpointTenancy, Keys, QueueOptions, Tenancy};
 use crate::ratelimit::RateLimit;
 
+/// Redis credentials from the config, the environment or a file.
+#[derive(Debug, Clone, Default)]
+pub struct RedisAuth {
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+}
+
+fn redis_auth(
+    c: &mut Check,
+    raw: &super::raw::RawRedis,
+    base_dir: Option<&std::path::Path>,
+) -> RedisAuth {
+    let username = (!raw.username.is_empty()).then(|| raw.username.clone());
+    let mut password = (!raw.password.is_empty()).then(|| Secret::new(raw.password.as_str()));
+    if !raw.password_file.is_empty() {
+        if password.is_some() {
+            c.fail(
+                "redis.password_file",
+                "set either redis.password or redis.password_file, not both",
+            );
+        }
+        let file = std::path::Path::new(&raw.password_file);
+        let file = match base_dir {
+            Some(dir) if file.is_relative() => dir.join(file),
+            _ => file.to_path_buf(),
+        };
+        match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                let line = text.trim_end_matches(['\r', '\n']);
+                if line.is_empty() || line.contains(['\r', '\n']) {
+                    c.fail("redis.password_file", "must hold the password on one line");
+                } else {
+                    password = Some(Secret::new(line));
+                }
+            }
+            Err(e) => c.fail(
+                "redis.password_file",
+                format!("cannot read {}: {}", file.display(), e.kind()),
+            ),
+        }
+    }
+    if (username.is_some() || password.is_some()) && raw.url.is_none() {
+        c.fail(
+            "redis.url",
+            "required with redis.username / redis.password: the embedded queue has no login",
+        );
+    }
+    RedisAuth { username, password }
+}
+
 /// Largest count of jobs, slots or turns a config may set: far above what
 /// one process can use, and small enough that sizes derived from it (channel
 /// capacities, sums) cannot overflow.
@@ -38,6 +88,8 @@ use crate::signing::{self, standard::StandardKey};
 pub struct Settings {
     /// None: the embedded in-memory queue.
     pub redis_url: Option<String>,
+    /// Credentials that win over the URL's.
+    pub redis_auth: RedisAuth,
     pub keys: Keys,
     pub server: ServerSettings,
     pub queues: QueueSettings,
@@ -81,6 +133,21 @@ impl Settings {
     /// The apps' and endpoints' scheduling parameters, as the queue keeps them.
     pub fn tenancy(&self) -> Tenancy {
         tenancy(&self.queues, &self.delivery, &self.apps)
+    }
+
+    /// Where and how to reach Redis: the URL with the configured username and
+    /// password applied. None for the embedded queue.
+    pub fn redis_connection(&self) -> Option<redis::ConnectionInfo> {
+        use redis::IntoConnectionInfo;
+        let info = self.redis_url.as_deref()?.into_connection_info().ok()?;
+        let mut redis = info.redis_settings().clone();
+        if let Some(user) = &self.redis_auth.username {
+            redis = redis.set_username(user);
+        }
+        if let Some(password) = &self.redis_auth.password {
+            redis = redis.set_password(password.expose());
+        }
+        Some(info.set_redis_settings(redis))
     }
 
     /// What the queue needs to know for its whole life.
@@ -170,9 +237,10 @@ pub(super) fn build(
         // The URL may hold a password, and the parser's detail may quote it.
         c.fail(
             "redis.url",
-            "not a Redis URL: expected redis://[user:password@]host[:port][/db], rediss://... or unix:///path",
+            "not a Redis URL: expected redis://[user:password@]host[:port][/db] or unix:///path (rediss:// TLS is not built in)",
         );
     }
+    let redis_auth = redis_auth(&mut c, &raw.redis, base_dir);
     if raw.redis.prefix.is_empty() || raw.redis.prefix.contains(['{', '}']) {
         c.fail(
             "redis.prefix",
@@ -307,6 +375,7 @@ pub(super) fn build(
     let warnings = blocked_endpoints(&raw, &egress.guard);
     Ok(Settings {
         redis_url: raw.redis.url,
+        redis_auth,
         keys: Keys::new(raw.redis.prefix),
         server: ServerSettings {
             listen,

@@ -735,3 +735,55 @@ fn a_listed_endpoint_is_found_by_its_id() {
         "the token stays out of Debug"
     );
 }
+
+#[test]
+fn redis_credentials_come_from_the_config_the_environment_or_a_file_and_never_show() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pw");
+    std::fs::write(&file, "file-pw-123\n").unwrap();
+    let url = "[redis]\nurl = \"redis://127.0.0.1:6379\"\n";
+    let s = load(&format!(
+        "{url}username = \"hooks\"\npassword_file = \"{}\"\n{APP}",
+        file.display()
+    ))
+    .unwrap();
+    let info = s.redis_connection().unwrap();
+    assert_eq!(info.redis_settings().username(), Some("hooks"));
+    assert_eq!(info.redis_settings().password(), Some("file-pw-123"));
+    assert!(!format!("{:?}", s.redis_auth).contains("file-pw-123"));
+    let s = load_from(
+        Some("test.toml".into()),
+        Some(&format!("{url}{APP}")),
+        [(
+            "WASMHOOK_REDIS__PASSWORD".to_string(),
+            "env-pw-456".to_string(),
+        )],
+    )
+    .unwrap();
+    assert_eq!(
+        s.redis_connection().unwrap().redis_settings().password(),
+        Some("env-pw-456")
+    );
+
+    let p = problems(&format!(
+        "{url}password = \"cfg-pw-789\"\npassword_file = \"{}\"\n",
+        file.display()
+    ));
+    assert!(
+        p.iter()
+            .any(|m| m.starts_with("redis.password_file: set either")),
+        "{p:?}"
+    );
+    let p = problems(&format!("{url}password_file = \"/nonexistent/pw\"\n"));
+    assert!(
+        p.iter()
+            .any(|m| m.starts_with("redis.password_file: cannot read")),
+        "{p:?}"
+    );
+    let p = problems("[redis]\npassword = \"cfg-pw-789\"\n");
+    assert!(
+        p.iter().any(|m| m.starts_with("redis.url: required")),
+        "{p:?}"
+    );
+    assert!(p.iter().all(|m| !m.contains("cfg-pw-789")), "{p:?}");
+}

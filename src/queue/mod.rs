@@ -51,6 +51,10 @@ pub enum QueueError {
     BadDeadLetterId(String),
     #[error("corrupt record in the queue: {0}")]
     Corrupt(String),
+    #[error(
+        "Redis refused the login ({0}): check redis.username and the password (redis.url, redis.password or redis.password_file)"
+    )]
+    LoginRefused(String),
 }
 
 /// One outcome counter: how jobs left the queue.
@@ -310,6 +314,14 @@ fn count_error<T>(result: &Result<T, QueueError>) {
 impl Queue {
     pub fn is_durable(&self) -> bool {
         matches!(self, Queue::Redis(_))
+    }
+
+    /// Err only when Redis answers and refuses the login.
+    pub async fn check_login(&self) -> Result<(), QueueError> {
+        match self {
+            Queue::Redis(q) => q.check_login().await,
+            Queue::Memory(_) => Ok(()),
+        }
     }
 
     /// Adds one app's jobs to its partitions (`job.endpoint`'s, or new

@@ -67,8 +67,12 @@ pub struct RedisQueue {
 impl RedisQueue {
     /// Connects lazily: a Redis that is down at start is retried on use, so
     /// the ingest can answer 503 and the worker can wait for it.
-    pub fn connect(url: &str, keys: Keys, options: QueueOptions) -> Result<Self, QueueError> {
-        let client = Client::open(url)?;
+    pub fn connect(
+        target: impl redis::IntoConnectionInfo,
+        keys: Keys,
+        options: QueueOptions,
+    ) -> Result<Self, QueueError> {
+        let client = Client::open(target)?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(Duration::from_secs(5)))
             .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -85,6 +89,31 @@ impl RedisQueue {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// Logs in once: Err only when Redis answers and refuses the
+    /// credentials (a Redis that cannot be reached now is retried on use).
+    pub async fn check_login(&self) -> Result<(), QueueError> {
+        let login = async {
+            let mut conn = self.client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING").query_async::<()>(&mut conn).await
+        };
+        let refused = |why: &str| Err(QueueError::LoginRefused(why.to_string()));
+        match tokio::time::timeout(Duration::from_secs(5), login).await {
+            Ok(Err(e)) if e.kind() == redis::ErrorKind::AuthenticationFailed => {
+                refused("WRONGPASS: the user or the password is wrong")
+            }
+            Ok(Err(e)) if e.code() == Some("WRONGPASS") => {
+                refused("WRONGPASS: the user or the password is wrong")
+            }
+            Ok(Err(e)) if e.code() == Some("NOAUTH") => {
+                refused("NOAUTH: Redis needs a password and none was given")
+            }
+            Ok(Err(e)) if e.code() == Some("NOPERM") => {
+                refused("NOPERM: the user may not run the commands wasmhook needs")
+            }
+            _ => Ok(()),
+        }
     }
 
     fn invoke<'a>(&'a self, script: &'a Script) -> redis::ScriptInvocation<'a> {
