@@ -23,6 +23,7 @@ impl Producer {
         Ok(Producer {
             queue: Queue::Redis(RedisQueue::connect(
                 redis_url,
+                None,
                 Keys::new(prefix),
                 defaults.queue_options(),
             )?),

@@ -32,8 +32,13 @@ pub fn open_queue(settings: &Settings) -> anyhow::Result<Queue> {
     let options = settings.queue_options();
     Ok(match settings.redis_connection() {
         Some(info) => Queue::Redis(
-            RedisQueue::connect(info, settings.keys.clone(), options)
-                .context("connecting to Redis")?,
+            RedisQueue::connect(
+                info,
+                settings.redis_auth.ca.clone(),
+                settings.keys.clone(),
+                options,
+            )
+            .context("connecting to Redis")?,
         ),
         None => Queue::Memory(MemoryQueue::new(options)),
     })

@@ -815,3 +815,161 @@ async fn an_acl_user_with_a_password_file_delivers_and_a_refused_login_stops_ser
         assert!(!error.contains("wrong-pw-789"), "{error}");
     }
 }
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, made with the
+/// `openssl` command in `dir`: (ca.crt, server.crt, server.key).
+fn tls_certificates(dir: &std::path::Path, name: &str) -> [std::path::PathBuf; 3] {
+    let path = |f: &str| dir.join(format!("{name}-{f}"));
+    let [ca_key, ca, key, csr, cert, ext] = [
+        "ca.key",
+        "ca.crt",
+        "server.key",
+        "server.csr",
+        "server.crt",
+        "ext.cnf",
+    ]
+    .map(path);
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\n").unwrap();
+    let openssl = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let s = |p: &std::path::PathBuf| p.as_os_str().to_owned();
+    let o = |t: &str| std::ffi::OsString::from(t);
+    let run = |args: Vec<std::ffi::OsString>| {
+        let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        openssl(&refs)
+    };
+    run(vec![
+        o("req"),
+        o("-x509"),
+        o("-newkey"),
+        o("rsa:2048"),
+        o("-nodes"),
+        o("-keyout"),
+        s(&ca_key),
+        o("-out"),
+        s(&ca),
+        o("-days"),
+        o("1"),
+        o("-subj"),
+        o(&format!("/CN={name} test CA")),
+    ]);
+    run(vec![
+        o("req"),
+        o("-newkey"),
+        o("rsa:2048"),
+        o("-nodes"),
+        o("-keyout"),
+        s(&key),
+        o("-out"),
+        s(&csr),
+        o("-subj"),
+        o("/CN=127.0.0.1"),
+    ]);
+    run(vec![
+        o("x509"),
+        o("-req"),
+        o("-in"),
+        s(&csr),
+        o("-CA"),
+        s(&ca),
+        o("-CAkey"),
+        s(&ca_key),
+        o("-CAcreateserial"),
+        o("-out"),
+        s(&cert),
+        o("-days"),
+        o("1"),
+        o("-extfile"),
+        s(&ext),
+    ]);
+    [ca, cert, key]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_is_used_with_its_ca_and_refused_with_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let [ca, cert, key] = tls_certificates(dir.path(), "real");
+    let [other_ca, _, _] = tls_certificates(dir.path(), "other");
+    let port = free_port();
+    let mut server = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--tls-auth-clients",
+            "no",
+        ])
+        .arg("--tls-cert-file")
+        .arg(&cert)
+        .arg("--tls-key-file")
+        .arg(&key)
+        .arg("--tls-ca-cert-file")
+        .arg(&ca)
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server runs");
+    eventually("the TLS port listens", WAIT, async || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    })
+    .await;
+    let rx = Receiver::start().await;
+    let base = config(
+        Some(&format!("rediss://127.0.0.1:{port}")),
+        &prefix("tls"),
+        "127.0.0.1:0",
+        &app("app-1", &pusher_endpoint(&rx.url("hook"))),
+    );
+    let with = |ca: &std::path::Path| {
+        base.replace(
+            "[redis]\n",
+            &format!("[redis]\nca_file = \"{}\"\n", ca.display()),
+        )
+    };
+
+    let wh = Running::start(&with(&ca), Mode::All).await;
+    send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "client_event", "channel": "c"}),
+    )
+    .await;
+    let got = rx.wait_for("hook", 1, WAIT).await;
+    verify_pusher(&got[0], "app-1-key", APP_SECRET);
+    wh.shutdown().await;
+
+    // A server certificate the configured CA did not sign: nothing is
+    // written, so the ingest says 503, never 202.
+    let wh = Running::start(&with(&other_ca), Mode::Server).await;
+    let (status, _) = post_events(
+        &wh.ingest,
+        "app-1",
+        Some("app-1-token"),
+        json!({"name": "client_event", "channel": "c"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 503);
+    wh.shutdown().await;
+    let _ = server.kill();
+    let _ = server.wait();
+}

@@ -165,6 +165,11 @@ pub struct RawRedis {
     pub password: String,
     /// A file holding the password (one line); "" = none.
     pub password_file: String,
+    /// PEM file of the CA that signed the server's certificate (rediss://);
+    /// "" = the system's trust store.
+    pub ca_file: String,
+    /// rediss:// without checking the server's certificate: tests only.
+    pub tls_insecure: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -29,6 +29,10 @@ use crate::ratelimit::RateLimit;
 pub struct RedisAuth {
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// PEM of the CA for rediss:// (None: the system's trust store).
+    pub ca: Option<Vec<u8>>,
+    /// rediss:// without certificate checks (tests only).
+    pub tls_insecure: bool,
 }
 
 fn redis_auth(
@@ -65,13 +69,44 @@ fn redis_auth(
             ),
         }
     }
+    let mut ca = None;
+    if !raw.ca_file.is_empty() {
+        let file = std::path::Path::new(&raw.ca_file);
+        let file = match base_dir {
+            Some(dir) if file.is_relative() => dir.join(file),
+            _ => file.to_path_buf(),
+        };
+        match std::fs::read(&file) {
+            Ok(pem) if pem.starts_with(b"-----BEGIN") => ca = Some(pem),
+            Ok(_) => c.fail("redis.ca_file", "must be a PEM certificate"),
+            Err(e) => c.fail(
+                "redis.ca_file",
+                format!("cannot read {}: {}", file.display(), e.kind()),
+            ),
+        }
+    }
+    let tls = raw
+        .url
+        .as_deref()
+        .is_some_and(|u| u.starts_with("rediss://"));
+    if (ca.is_some() || raw.tls_insecure) && !tls {
+        c.fail(
+            "redis.url",
+            "redis.ca_file and redis.tls_insecure need a rediss:// URL",
+        );
+    }
     if (username.is_some() || password.is_some()) && raw.url.is_none() {
         c.fail(
             "redis.url",
             "required with redis.username / redis.password: the embedded queue has no login",
         );
     }
-    RedisAuth { username, password }
+    RedisAuth {
+        username,
+        password,
+        ca,
+        tls_insecure: raw.tls_insecure,
+    }
 }
 
 /// Largest count of jobs, slots or turns a config may set: far above what
@@ -88,7 +123,7 @@ use crate::signing::{self, standard::StandardKey};
 pub struct Settings {
     /// None: the embedded in-memory queue.
     pub redis_url: Option<String>,
-    /// Credentials that win over the URL's.
+    /// Credentials that win over the URL's, and the TLS trust.
     pub redis_auth: RedisAuth,
     pub keys: Keys,
     pub server: ServerSettings,
@@ -139,7 +174,13 @@ impl Settings {
     /// password applied. None for the embedded queue.
     pub fn redis_connection(&self) -> Option<redis::ConnectionInfo> {
         use redis::IntoConnectionInfo;
-        let info = self.redis_url.as_deref()?.into_connection_info().ok()?;
+        let url = self.redis_url.as_deref()?;
+        let info = if self.redis_auth.tls_insecure && !url.contains('#') {
+            format!("{url}#insecure").into_connection_info()
+        } else {
+            url.into_connection_info()
+        }
+        .ok()?;
         let mut redis = info.redis_settings().clone();
         if let Some(user) = &self.redis_auth.username {
             redis = redis.set_username(user);
@@ -237,7 +278,7 @@ pub(super) fn build(
         // The URL may hold a password, and the parser's detail may quote it.
         c.fail(
             "redis.url",
-            "not a Redis URL: expected redis://[user:password@]host[:port][/db] or unix:///path (rediss:// TLS is not built in)",
+            "not a Redis URL: expected redis://[user:password@]host[:port][/db], rediss://... or unix:///path",
         );
     }
     let redis_auth = redis_auth(&mut c, &raw.redis, base_dir);

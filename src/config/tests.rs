@@ -787,3 +787,50 @@ fn redis_credentials_come_from_the_config_the_environment_or_a_file_and_never_sh
     );
     assert!(p.iter().all(|m| !m.contains("cfg-pw-789")), "{p:?}");
 }
+
+#[test]
+fn tls_settings_need_a_rediss_url_and_a_readable_pem() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("ca.pem");
+    std::fs::write(
+        &pem,
+        "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let not_pem = dir.path().join("ca.txt");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let s = load(&format!(
+        "[redis]\nurl = \"rediss://127.0.0.1:6380\"\nca_file = \"{}\"\n{APP}",
+        pem.display()
+    ))
+    .unwrap();
+    assert!(
+        s.redis_auth
+            .ca
+            .as_ref()
+            .is_some_and(|c| c.starts_with(b"-----BEGIN"))
+    );
+    let p = problems(&format!(
+        "[redis]\nurl = \"redis://127.0.0.1:6379\"\nca_file = \"{}\"\n",
+        pem.display()
+    ));
+    assert!(
+        p.iter().any(|m| m
+            .starts_with("redis.url: redis.ca_file and redis.tls_insecure need a rediss:// URL")),
+        "{p:?}"
+    );
+    let p = problems(&format!(
+        "[redis]\nurl = \"rediss://127.0.0.1:6380\"\nca_file = \"{}\"\n",
+        not_pem.display()
+    ));
+    assert!(
+        p.iter()
+            .any(|m| m.starts_with("redis.ca_file: must be a PEM certificate")),
+        "{p:?}"
+    );
+    let s = load(&format!(
+        "[redis]\nurl = \"rediss://127.0.0.1:6380\"\ntls_insecure = true\n{APP}"
+    ))
+    .unwrap();
+    assert!(s.redis_connection().is_some());
+}

@@ -67,12 +67,26 @@ pub struct RedisQueue {
 impl RedisQueue {
     /// Connects lazily: a Redis that is down at start is retried on use, so
     /// the ingest can answer 503 and the worker can wait for it.
+    /// `ca`: the PEM of the CA that signed the server's certificate, for a
+    /// rediss:// target (None: the system's trust store).
     pub fn connect(
         target: impl redis::IntoConnectionInfo,
+        ca: Option<Vec<u8>>,
         keys: Keys,
         options: QueueOptions,
     ) -> Result<Self, QueueError> {
-        let client = Client::open(target)?;
+        // TLS (rediss://) runs on rustls with the ring provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = match ca {
+            Some(root_cert) => Client::build_with_tls(
+                target,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )?,
+            None => Client::open(target)?,
+        };
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(Duration::from_secs(5)))
             .set_connection_timeout(Some(Duration::from_secs(2)))
