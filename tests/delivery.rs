@@ -443,15 +443,8 @@ async fn retry_after_is_honoured_and_410_stops_an_endpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_inbox_entry_is_dead_lettered_and_the_next_job_still_flows() {
-    let redis = RedisServer::start();
-    let rx = Receiver::start().await;
     let p = prefix("malformed");
-    let text = config(
-        Some(&redis.url),
-        &p,
-        "127.0.0.1:0",
-        &app("app-1", &pusher_endpoint(&rx.url("hook"))),
-    );
+    let (redis, rx, text) = one_app(&p).await;
     let wh = Running::start(&text, Mode::All).await;
 
     let mut conn = redis.conn();
@@ -585,14 +578,7 @@ async fn the_embedded_queue_delivers_and_retries_without_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_for_an_endpoint_removed_from_the_config_is_dead_lettered() {
-    let redis = RedisServer::start();
-    let rx = Receiver::start().await;
-    let text = config(
-        Some(&redis.url),
-        &prefix("removed"),
-        "127.0.0.1:0",
-        &app("app-1", &pusher_endpoint(&rx.url("hook"))),
-    );
+    let (_redis, _rx, text) = one_app(&prefix("removed")).await;
     let q = queue(&text);
     let mut job = Job::new(
         "app-1",
@@ -702,14 +688,7 @@ impl wasmhook::pipeline::Stage for PanicsOnBoom {
 async fn a_job_whose_task_panics_is_dead_lettered_after_its_retries_not_redelivered_forever() {
     use std::collections::HashMap;
     use std::sync::Arc;
-    let redis = RedisServer::start();
-    let rx = Receiver::start().await;
-    let text = config(
-        Some(&redis.url),
-        &prefix("panic"),
-        "127.0.0.1:0",
-        &app("app-1", &pusher_endpoint(&rx.url("hook"))),
-    );
+    let (_redis, rx, text) = one_app(&prefix("panic")).await;
     let settings = Arc::new(settings(&text));
     let queue = wasmhook::service::open_queue(&settings).unwrap();
     let stages: wasmhook::pipeline::Chain = vec![Arc::new(PanicsOnBoom)];

@@ -368,15 +368,8 @@ async fn accepted_events_are_in_redis_before_the_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_event_names_in_one_request_make_no_queues_and_no_connections() {
-    let redis = RedisServer::start();
-    let rx = Receiver::start().await;
     let p = prefix("names");
-    let text = config(
-        Some(&redis.url),
-        &p,
-        "127.0.0.1:0",
-        &app("app-1", &pusher_endpoint(&rx.url("hook"))),
-    );
+    let (redis, rx, text) = one_app(&p).await;
     let wh = Running::start(&text, Mode::All).await;
     // Warm up: one event through, so every connection the process keeps is open.
     let (status, _) = post_events(

@@ -8,6 +8,15 @@ fn load(text: &str) -> Result<Settings, ConfigError> {
     )
 }
 
+/// Fails unless one of `p` starts with `start`.
+#[track_caller]
+fn assert_problem(p: &[String], start: &str) {
+    assert!(
+        p.iter().any(|m| m.starts_with(start)),
+        "no {start:?} in {p:?}"
+    );
+}
+
 fn problems(text: &str) -> Vec<String> {
     load(text)
         .unwrap_err()
@@ -165,10 +174,7 @@ fn pusher_endpoints_need_an_app_secret() {
     let p = problems(
         "[[apps]]\nid = \"a\"\nkey = \"k\"\ningest_token = \"t\"\n[[apps.webhooks]]\nurl = \"https://x.example\"\n",
     );
-    assert!(
-        p.iter().any(|x| x.starts_with("apps[0].secret: required")),
-        "{p:?}"
-    );
+    assert_problem(&p, "apps[0].secret: required");
 }
 
 #[test]
@@ -198,11 +204,7 @@ secrets = ["whsec_c3VwZXJzZWNyZXQ="]
 #[test]
 fn visibility_timeout_must_outlast_every_endpoint_timeout() {
     let p = problems(&format!("[queues]\nvisibility_timeout = \"10s\"\n{APP}"));
-    assert!(
-        p.iter()
-            .any(|x| x.starts_with("queues.visibility_timeout: ")),
-        "{p:?}"
-    );
+    assert_problem(&p, "queues.visibility_timeout: ");
 }
 
 /// Found by the config property test: an endpoint timeout near the largest
@@ -216,16 +218,9 @@ fn durations_past_a_hundred_years_are_refused() {
         "{p:?}"
     );
     let p = problems(&format!("{APP}timeout = \"584942417355y\"\n"));
-    assert!(
-        p.iter()
-            .any(|x| x.starts_with("apps[0].webhooks[1].timeout: ")),
-        "{p:?}"
-    );
+    assert_problem(&p, "apps[0].webhooks[1].timeout: ");
     let p = problems("[retry]\nschedule = [\"0s\", \"36501d\"]\n");
-    assert!(
-        p.iter().any(|x| x.starts_with("retry.schedule[1]: ")),
-        "{p:?}"
-    );
+    assert_problem(&p, "retry.schedule[1]: ");
     assert!(load("[retry]\nschedule = [\"0s\", \"36500d\"]\n").is_ok());
 }
 
@@ -377,16 +372,8 @@ path = "x.wasm"
 max_reuse = 0
 "#,
     );
-    assert!(
-        p.iter()
-            .any(|x| x.starts_with("wasm.max_reuse: must be at least 1")),
-        "{p:?}"
-    );
-    assert!(
-        p.iter()
-            .any(|x| x.starts_with("plugins.x.max_reuse: must be at least 1")),
-        "{p:?}"
-    );
+    assert_problem(&p, "wasm.max_reuse: must be at least 1");
+    assert_problem(&p, "plugins.x.max_reuse: must be at least 1");
 }
 
 #[test]
@@ -769,22 +756,11 @@ fn redis_credentials_come_from_the_config_the_environment_or_a_file_and_never_sh
         "{url}password = \"cfg-pw-789\"\npassword_file = \"{}\"\n",
         file.display()
     ));
-    assert!(
-        p.iter()
-            .any(|m| m.starts_with("redis.password_file: set either")),
-        "{p:?}"
-    );
+    assert_problem(&p, "redis.password_file: set either");
     let p = problems(&format!("{url}password_file = \"/nonexistent/pw\"\n"));
-    assert!(
-        p.iter()
-            .any(|m| m.starts_with("redis.password_file: cannot read")),
-        "{p:?}"
-    );
+    assert_problem(&p, "redis.password_file: cannot read");
     let p = problems("[redis]\npassword = \"cfg-pw-789\"\n");
-    assert!(
-        p.iter().any(|m| m.starts_with("redis.url: required")),
-        "{p:?}"
-    );
+    assert_problem(&p, "redis.url: required");
     assert!(p.iter().all(|m| !m.contains("cfg-pw-789")), "{p:?}");
 }
 
@@ -823,11 +799,7 @@ fn tls_settings_need_a_rediss_url_and_a_readable_pem() {
         "[redis]\nurl = \"rediss://127.0.0.1:6380\"\nca_file = \"{}\"\n",
         not_pem.display()
     ));
-    assert!(
-        p.iter()
-            .any(|m| m.starts_with("redis.ca_file: must be a PEM certificate")),
-        "{p:?}"
-    );
+    assert_problem(&p, "redis.ca_file: must be a PEM certificate");
     let s = load(&format!(
         "[redis]\nurl = \"rediss://127.0.0.1:6380\"\ntls_insecure = true\n{APP}"
     ))

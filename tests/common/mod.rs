@@ -347,6 +347,20 @@ level = "wasmhook=debug,warn"
     )
 }
 
+/// A Redis of its own, a receiver, and the config of one app (`app-1`)
+/// whose one `pusher` endpoint is the receiver's `hook` path.
+pub async fn one_app(prefix: &str) -> (RedisServer, Receiver, String) {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let text = config(
+        Some(&redis.url),
+        prefix,
+        "127.0.0.1:0",
+        &app("app-1", &pusher_endpoint(&rx.url("hook"))),
+    );
+    (redis, rx, text)
+}
+
 /// One app with the given endpoints text (`[[apps.webhooks]]` tables).
 pub fn app(id: &str, webhooks: &str) -> String {
     app_table(id, "", webhooks)
