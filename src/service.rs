@@ -30,7 +30,7 @@ pub enum Mode {
 /// embedded in-memory one.
 pub fn open_queue(settings: &Settings) -> anyhow::Result<Queue> {
     let options = settings.queue_options();
-    Ok(match settings.redis_connection() {
+    Ok(match settings.redis_connection()? {
         Some(info) => Queue::Redis(
             RedisQueue::connect(
                 info,

@@ -171,16 +171,19 @@ impl Settings {
     }
 
     /// Where and how to reach Redis: the URL with the configured username and
-    /// password applied. None for the embedded queue.
-    pub fn redis_connection(&self) -> Option<redis::ConnectionInfo> {
+    /// password applied. Ok(None) for the embedded queue; an error (which
+    /// never holds the URL) when the URL does not parse.
+    pub fn redis_connection(&self) -> Result<Option<redis::ConnectionInfo>, redis::RedisError> {
         use redis::IntoConnectionInfo;
-        let url = self.redis_url.as_deref()?;
+        let Some(url) = self.redis_url.as_deref() else {
+            return Ok(None);
+        };
         let info = if self.redis_auth.tls_insecure && !url.contains('#') {
             format!("{url}#insecure").into_connection_info()
         } else {
             url.into_connection_info()
         }
-        .ok()?;
+        .map_err(|e| redis::RedisError::from((e.kind(), "redis.url is not a Redis URL")))?;
         let mut redis = info.redis_settings().clone();
         if let Some(user) = &self.redis_auth.username {
             redis = redis.set_username(user);
@@ -188,7 +191,7 @@ impl Settings {
         if let Some(password) = &self.redis_auth.password {
             redis = redis.set_password(password.expose());
         }
-        Some(info.set_redis_settings(redis))
+        Ok(Some(info.set_redis_settings(redis)))
     }
 
     /// What the queue needs to know for its whole life.

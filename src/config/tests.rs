@@ -734,7 +734,7 @@ fn redis_credentials_come_from_the_config_the_environment_or_a_file_and_never_sh
         file.display()
     ))
     .unwrap();
-    let info = s.redis_connection().unwrap();
+    let info = s.redis_connection().unwrap().unwrap();
     assert_eq!(info.redis_settings().username(), Some("hooks"));
     assert_eq!(info.redis_settings().password(), Some("file-pw-123"));
     assert!(!format!("{:?}", s.redis_auth).contains("file-pw-123"));
@@ -748,7 +748,11 @@ fn redis_credentials_come_from_the_config_the_environment_or_a_file_and_never_sh
     )
     .unwrap();
     assert_eq!(
-        s.redis_connection().unwrap().redis_settings().password(),
+        s.redis_connection()
+            .unwrap()
+            .unwrap()
+            .redis_settings()
+            .password(),
         Some("env-pw-456")
     );
 
@@ -804,5 +808,5 @@ fn tls_settings_need_a_rediss_url_and_a_readable_pem() {
         "[redis]\nurl = \"rediss://127.0.0.1:6380\"\ntls_insecure = true\n{APP}"
     ))
     .unwrap();
-    assert!(s.redis_connection().is_some());
+    assert!(s.redis_connection().unwrap().is_some());
 }
