@@ -12,6 +12,21 @@ use wasmhook::service::Mode;
 
 const WAIT: Duration = Duration::from_secs(15);
 
+/// Runs wasmhook on `text`: one event of `app-1` arrives at the receiver's
+/// `hook`, signed with the app's secret.
+async fn one_event_arrives(text: &str, rx: &Receiver) {
+    let wh = Running::start(text, Mode::All).await;
+    send(
+        &wh.ingest,
+        "app-1",
+        json!({"name": "client_event", "channel": "c"}),
+    )
+    .await;
+    let got = rx.wait_for("hook", 1, WAIT).await;
+    verify_pusher(&got[0], "app-1-key", APP_SECRET);
+    wh.shutdown().await;
+}
+
 async fn send(ingest: &str, app: &str, event: serde_json::Value) -> String {
     let (status, body) = post_events(
         ingest,
@@ -765,16 +780,7 @@ async fn an_acl_user_with_a_password_file_delivers_and_a_refused_login_stops_ser
         "username = \"hooks\"\npassword_file = \"{}\"",
         password_file.display()
     ));
-    let wh = Running::start(&text, Mode::All).await;
-    send(
-        &wh.ingest,
-        "app-1",
-        json!({"name": "client_event", "channel": "c"}),
-    )
-    .await;
-    let got = rx.wait_for("hook", 1, WAIT).await;
-    verify_pusher(&got[0], "app-1-key", APP_SECRET);
-    wh.shutdown().await;
+    one_event_arrives(&text, &rx).await;
 
     for (auth, code) in [
         (
@@ -926,16 +932,7 @@ async fn a_tls_redis_is_used_with_its_ca_and_refused_with_another() {
         )
     };
 
-    let wh = Running::start(&with(&ca), Mode::All).await;
-    send(
-        &wh.ingest,
-        "app-1",
-        json!({"name": "client_event", "channel": "c"}),
-    )
-    .await;
-    let got = rx.wait_for("hook", 1, WAIT).await;
-    verify_pusher(&got[0], "app-1-key", APP_SECRET);
-    wh.shutdown().await;
+    one_event_arrives(&with(&ca), &rx).await;
 
     // A server certificate the configured CA did not sign: nothing is
     // written, so the ingest says 503, never 202.
