@@ -227,36 +227,22 @@ mod tests {
     }
 
     #[test]
-    fn a_time_past_the_year_9999_is_refused() {
-        let m = decode(
-            "1-0",
-            Some(br#"{"app_id":"a","created_ms":253402300800000,"event":{"name":"x"}}"#),
-        )
-        .unwrap_err();
-        assert!(m.reason.contains("created_ms"), "{}", m.reason);
-        assert!(
-            decode(
-                "1-0",
-                Some(br#"{"app_id":"a","created_ms":253402300799999,"event":{"name":"x"}}"#)
-            )
-            .is_ok()
-        );
-    }
-
-    #[test]
-    fn an_attempt_count_with_no_next_attempt_is_refused() {
-        let m = decode(
-            "1-0",
-            Some(br#"{"app_id":"a","attempt":4294967295,"event":{"name":"x"}}"#),
-        )
-        .unwrap_err();
-        assert!(m.reason.contains("attempt"), "{}", m.reason);
-        let job = decode(
-            "1-0",
-            Some(br#"{"app_id":"a","attempt":4294967294,"event":{"name":"x"}}"#),
-        )
-        .unwrap();
-        assert_eq!(job.attempt.checked_add(1), Some(u32::MAX));
+    fn fields_past_their_range_are_refused_right_at_the_limit() {
+        // (field, the first value refused, the last accepted): a time past
+        // the year 9999; an attempt count with no next attempt.
+        for (field, refused, accepted) in [
+            ("created_ms", 253402300800000_u64, 253402300799999_u64),
+            ("attempt", 4294967295, 4294967294),
+        ] {
+            let entry =
+                |n: u64| format!(r#"{{"app_id":"a","{field}":{n},"event":{{"name":"x"}}}}"#);
+            let m = decode("1-0", Some(entry(refused).as_bytes())).unwrap_err();
+            assert!(m.reason.contains(field), "{}", m.reason);
+            let job = decode("1-0", Some(entry(accepted).as_bytes())).unwrap();
+            let kept = serde_json::to_value(&job).unwrap()[field].as_u64();
+            assert_eq!(kept, Some(accepted), "{field}");
+            assert!(job.attempt.checked_add(1).is_some());
+        }
     }
 
     #[test]
