@@ -309,6 +309,18 @@ const URL: &[&str] = &[
     "\"http://[::1]:0/\"",
     "\"x\"",
 ];
+const PATHS: &[&str] = &[
+    "\"\"",
+    "\"/nonexistent/file\"",
+    "\"/dev/null\"",
+    "\"relative/file\"",
+];
+const NETWORKS: &[&str] = &[
+    "[]",
+    "[\"127.0.0.0/8\", \"::1\"]",
+    "[\"10.0.0/8\", \"\"]",
+    "[\"0.0.0.0/0\", \"fd00::/8\", \"example.com\"]",
+];
 const LEVEL: &[&str] = &[
     "\"info\"",
     "\"wasmhook=debug,info\"",
@@ -374,7 +386,27 @@ type Keys = &'static [(&'static str, &'static [&'static str])];
 
 /// Every key of the config file (besides apps and plugins), by table.
 const KEYS: &[(&str, Keys)] = &[
-    ("redis", &[("url", REDIS), ("prefix", TEXT)]),
+    (
+        "redis",
+        &[
+            ("url", REDIS),
+            ("prefix", TEXT),
+            ("username", TEXT),
+            ("password", TEXT),
+            ("password_file", PATHS),
+            ("ca_file", PATHS),
+            ("tls_insecure", BOOL),
+        ],
+    ),
+    (
+        "metrics",
+        &[
+            ("enabled", BOOL),
+            ("listen", ADDR),
+            ("token", TEXT),
+            ("endpoints", LISTS),
+        ],
+    ),
     (
         "server",
         &[
@@ -410,6 +442,9 @@ const KEYS: &[(&str, Keys)] = &[
             ("timeout", DURATION),
             ("max_response_bytes", INT),
             ("max_in_flight", INT),
+            ("allow_networks", NETWORKS),
+            ("proxy", URL),
+            ("no_proxy", NETWORKS),
         ],
     ),
     (
@@ -430,7 +465,11 @@ const KEYS: &[(&str, Keys)] = &[
         &[
             ("cache_dir", ENUMS),
             ("max_instances", INT),
+            ("app_max_instances", INT),
             ("warm_instances", INT),
+            ("plugin_max_core_instances", INT),
+            ("plugin_max_memories", INT),
+            ("plugin_max_tables", INT),
             ("deadline", DURATION),
             ("fuel", INT),
             ("max_memory", INT),
