@@ -1402,3 +1402,39 @@ async fn everything_a_decision_carries_is_bounded() {
     }
     wh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_app_keeps_no_more_warm_instances_than_its_share() {
+    use wasmhook::plugin::{EngineSettings, FailurePolicy, PluginEngine};
+    let engine = PluginEngine::new(&EngineSettings {
+        max_instances: 4,
+        app_max_instances: 2,
+        warm_instances: 8,
+        ..Default::default()
+    })
+    .unwrap();
+    let plugins: Vec<_> = ["add-header", "add-field", "call-count"]
+        .iter()
+        .map(|name| {
+            engine
+                .load(
+                    name,
+                    &plugin(name),
+                    test_limits(Duration::from_secs(10), 100),
+                    FailurePolicy::Fail,
+                )
+                .unwrap()
+        })
+        .collect();
+    let event = client_event();
+    // App a: three plugins, each leaves an instance behind; a keeps two.
+    for p in &plugins {
+        assert!(p.call(&test_input("a", &event), &[]).await.decision.is_ok());
+    }
+    assert_eq!(engine.warm_instances(), 2);
+    // App b's instances take room of their own, and push none of a's out.
+    for p in &plugins[..2] {
+        assert!(p.call(&test_input("b", &event), &[]).await.decision.is_ok());
+    }
+    assert_eq!(engine.warm_instances(), 4);
+}
