@@ -28,6 +28,12 @@ pub mod signing;
 pub mod telemetry;
 pub mod worker;
 
+/// rustls (HTTPS deliveries, rediss://) needs one process-wide crypto
+/// provider; ring is the one built in. Installing it again is a no-op.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// mimalloc instead of the system allocator: the delivery path allocates a
 /// lot of small, short-lived buffers, and glibc's malloc was a quarter of the
 /// worker's time (BENCHMARKS.md).

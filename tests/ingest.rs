@@ -154,7 +154,7 @@ async fn an_unknown_app_and_a_wrong_token_get_the_same_answer() {
         &app("app-1", ""),
     );
     let wh = Running::start(&text, Mode::Server).await;
-    wasmhook::delivery::install_crypto_provider();
+    wasmhook::install_crypto_provider();
     let client = reqwest::Client::new();
     let answer = async |app: &str, token: Option<&str>| {
         let mut req = client
@@ -191,7 +191,7 @@ async fn an_unknown_app_and_a_wrong_token_get_the_same_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_echo_receiver_is_not_served_unless_enabled() {
     let text = config(None, &prefix("echo"), "127.0.0.1:0", &app("app-1", ""));
-    wasmhook::delivery::install_crypto_provider();
+    wasmhook::install_crypto_provider();
     let client = reqwest::Client::new();
     let echo = async |ingest: &str| {
         client
@@ -257,7 +257,7 @@ async fn an_idempotency_key_enqueues_once_and_replays_the_first_answer() {
     );
     let wh = Running::start(&text, Mode::Server).await;
     let q = queue(&text);
-    wasmhook::delivery::install_crypto_provider();
+    wasmhook::install_crypto_provider();
     let client = reqwest::Client::new();
     let post = |app: &'static str, key: &'static str, body: String| {
         client

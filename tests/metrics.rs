@@ -43,7 +43,7 @@ fn key(name: &str, labels: &[(&str, &str)]) -> String {
 }
 
 async fn scrape(url: &str, token: Option<&str>) -> (u16, String) {
-    wasmhook::delivery::install_crypto_provider();
+    wasmhook::install_crypto_provider();
     let mut req = reqwest::Client::new().get(url);
     if let Some(t) = token {
         req = req.bearer_auth(t);

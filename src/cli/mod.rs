@@ -276,7 +276,7 @@ async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     // The embedded queue lives inside the serve process: go through its ingest.
-    crate::delivery::install_crypto_provider();
+    crate::install_crypto_provider();
     let url = format!(
         "http://{}/v1/apps/{}/events",
         settings.server.listen, app.id

@@ -114,7 +114,7 @@ pub struct Deliverer {
 
 impl Deliverer {
     pub fn new(max_response_bytes: usize, egress: &Egress) -> anyhow::Result<Self> {
-        install_crypto_provider();
+        crate::install_crypto_provider();
         let guard = Arc::new(egress.guard.clone());
         // The proxy's own name is the operator's, not a tenant's: not judged.
         let proxy_host = egress
@@ -259,11 +259,6 @@ async fn read_capped(response: &mut reqwest::Response, cap: usize) -> Vec<u8> {
         }
     }
     out
-}
-
-/// rustls needs one process-wide crypto provider; ring is the one built in.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 #[cfg(test)]

@@ -75,8 +75,8 @@ impl RedisQueue {
         keys: Keys,
         options: QueueOptions,
     ) -> Result<Self, QueueError> {
-        // TLS (rediss://) runs on rustls with the ring provider.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        // TLS (rediss://) runs on rustls.
+        crate::install_crypto_provider();
         let client = match ca {
             Some(root_cert) => Client::build_with_tls(
                 target,

@@ -194,7 +194,7 @@ async fn receive(
 
 impl Receiver {
     pub async fn start() -> Receiver {
-        wasmhook::delivery::install_crypto_provider();
+        wasmhook::install_crypto_provider();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let inner: Arc<Mutex<Inner>> = Arc::default();
@@ -520,7 +520,7 @@ pub async fn post_events(
     token: Option<&str>,
     body: impl Into<reqwest::Body>,
 ) -> (u16, serde_json::Value) {
-    wasmhook::delivery::install_crypto_provider();
+    wasmhook::install_crypto_provider();
     let mut req = reqwest::Client::new()
         .post(format!("{ingest}/v1/apps/{app}/events"))
         .body(body)
