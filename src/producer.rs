@@ -10,7 +10,7 @@
 //! ```
 
 use crate::event::{Event, Job, now_ms};
-use crate::queue::{Keys, Queue, RedisQueue};
+use crate::queue::{Keys, Queue, RedisQueue, RedisTarget};
 
 pub struct Producer {
     queue: Queue,
@@ -22,10 +22,24 @@ impl Producer {
         let defaults = crate::config::load_from(None, Some(""), Vec::<(String, String)>::new())?;
         Ok(Producer {
             queue: Queue::Redis(RedisQueue::connect(
-                redis_url,
-                None,
+                RedisTarget::single(redis_url)?,
                 Keys::new(prefix),
                 defaults.queue_options(),
+            )?),
+        })
+    }
+
+    /// A producer for the Redis a config names: one server or a cluster,
+    /// with its login, TLS and durability settings.
+    pub fn from_settings(settings: &crate::config::Settings) -> anyhow::Result<Self> {
+        let Some(target) = settings.redis_target()? else {
+            anyhow::bail!("redis.url is not set: a producer needs a shared Redis");
+        };
+        Ok(Producer {
+            queue: Queue::Redis(RedisQueue::connect(
+                target,
+                settings.keys.clone(),
+                settings.queue_options(),
             )?),
         })
     }

@@ -30,15 +30,10 @@ pub enum Mode {
 /// embedded in-memory one.
 pub fn open_queue(settings: &Settings) -> anyhow::Result<Queue> {
     let options = settings.queue_options();
-    Ok(match settings.redis_connection()? {
-        Some(info) => Queue::Redis(
-            RedisQueue::connect(
-                info,
-                settings.redis_auth.ca.clone(),
-                settings.keys.clone(),
-                options,
-            )
-            .context("connecting to Redis")?,
+    Ok(match settings.redis_target()? {
+        Some(target) => Queue::Redis(
+            RedisQueue::connect(target, settings.keys.clone(), options)
+                .context("connecting to Redis")?,
         ),
         None => Queue::Memory(MemoryQueue::new(options)),
     })

@@ -12,6 +12,14 @@ use wasmhook::service::Mode;
 
 const WAIT: Duration = Duration::from_secs(15);
 
+on_each_backend!(
+    delivers_to_pusher_and_standard_endpoints_with_verifiable_signatures,
+    a_500_is_retried_and_delivered_on_the_second_attempt,
+    a_400_is_dead_lettered_at_once_and_replay_delivers_it_with_the_same_id,
+    when_one_endpoint_fails_the_other_gets_the_event_exactly_once,
+    a_malformed_inbox_entry_is_dead_lettered_and_the_next_job_still_flows,
+);
+
 /// Runs wasmhook on `text`: one event of `app-1` arrives at the receiver's
 /// `hook`, signed with the app's secret.
 async fn one_event_arrives(text: &str, rx: &Receiver) {
@@ -39,17 +47,10 @@ async fn send(ingest: &str, app: &str, event: serde_json::Value) -> String {
     body["ids"][0].as_str().unwrap().to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delivers_to_pusher_and_standard_endpoints_with_verifiable_signatures() {
-    let redis = RedisServer::start();
+async fn delivers_to_pusher_and_standard_endpoints_with_verifiable_signatures(redis: Backend) {
     let rx = Receiver::start().await;
     let endpoints = pusher_endpoint(&rx.url("pusher")) + &standard_endpoint(&rx.url("std"));
-    let text = config(
-        Some(&redis.url),
-        &prefix("both"),
-        "127.0.0.1:0",
-        &app("app-1", &endpoints),
-    );
+    let text = redis.config(&prefix("both"), "127.0.0.1:0", &app("app-1", &endpoints));
     let wh = Running::start(&text, Mode::All).await;
 
     let event = json!({"name": "client_event", "channel": "private-orders", "event": "client-typing", "data": "{\"order\":17}", "socket_id": "123.456"});
@@ -90,13 +91,10 @@ async fn delivers_to_pusher_and_standard_endpoints_with_verifiable_signatures() 
     wh.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_500_is_retried_and_delivered_on_the_second_attempt() {
-    let redis = RedisServer::start();
+async fn a_500_is_retried_and_delivered_on_the_second_attempt(redis: Backend) {
     let rx = Receiver::start().await;
     rx.script("flaky", &[500], 200);
-    let text = config(
-        Some(&redis.url),
+    let text = redis.config(
         &prefix("retry"),
         "127.0.0.1:0",
         &app("app-1", &standard_endpoint(&rx.url("flaky"))),
@@ -182,13 +180,10 @@ async fn retries_run_out_into_the_dead_letter_queue_with_every_attempt() {
     wh.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_400_is_dead_lettered_at_once_and_replay_delivers_it_with_the_same_id() {
-    let redis = RedisServer::start();
+async fn a_400_is_dead_lettered_at_once_and_replay_delivers_it_with_the_same_id(redis: Backend) {
     let rx = Receiver::start().await;
     rx.script("strict", &[400], 200);
-    let text = config(
-        Some(&redis.url),
+    let text = redis.config(
         &prefix("replay"),
         "127.0.0.1:0",
         &app("app-1", &standard_endpoint(&rx.url("strict"))),
@@ -248,18 +243,11 @@ async fn a_400_is_dead_lettered_at_once_and_replay_delivers_it_with_the_same_id(
     wh.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn when_one_endpoint_fails_the_other_gets_the_event_exactly_once() {
-    let redis = RedisServer::start();
+async fn when_one_endpoint_fails_the_other_gets_the_event_exactly_once(redis: Backend) {
     let rx = Receiver::start().await;
     rx.script("bad", &[500, 500], 200);
     let endpoints = pusher_endpoint(&rx.url("good")) + &pusher_endpoint(&rx.url("bad"));
-    let text = config(
-        Some(&redis.url),
-        &prefix("fanout"),
-        "127.0.0.1:0",
-        &app("app-1", &endpoints),
-    );
+    let text = redis.config(&prefix("fanout"), "127.0.0.1:0", &app("app-1", &endpoints));
     let wh = Running::start(&text, Mode::All).await;
     send(
         &wh.ingest,
@@ -456,10 +444,14 @@ async fn retry_after_is_honoured_and_410_stops_an_endpoint() {
     wh.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_malformed_inbox_entry_is_dead_lettered_and_the_next_job_still_flows() {
+async fn a_malformed_inbox_entry_is_dead_lettered_and_the_next_job_still_flows(redis: Backend) {
     let p = prefix("malformed");
-    let (redis, rx, text) = one_app(&p).await;
+    let rx = Receiver::start().await;
+    let text = redis.config(
+        &p,
+        "127.0.0.1:0",
+        &app("app-1", &pusher_endpoint(&rx.url("hook"))),
+    );
     let wh = Running::start(&text, Mode::All).await;
 
     let mut conn = redis.conn();
@@ -469,21 +461,21 @@ async fn a_malformed_inbox_entry_is_dead_lettered_and_the_next_job_still_flows()
         .arg("*")
         .arg("job")
         .arg("{this is not json")
-        .query(&mut conn)
+        .query(&mut *conn)
         .unwrap();
     let _: String = redis::cmd("XADD")
         .arg(&stream)
         .arg("*")
         .arg("other")
         .arg("field")
-        .query(&mut conn)
+        .query(&mut *conn)
         .unwrap();
     let _: String = redis::cmd("XADD")
         .arg(&stream)
         .arg("*")
         .arg("job")
         .arg(r#"{"app_id":"nope","event":{"name":"client_event"}}"#)
-        .query(&mut conn)
+        .query(&mut *conn)
         .unwrap();
     // A time no signature can show (it once made the signer panic).
     let _: String = redis::cmd("XADD")
@@ -493,7 +485,7 @@ async fn a_malformed_inbox_entry_is_dead_lettered_and_the_next_job_still_flows()
         .arg(
             r#"{"app_id":"app-1","created_ms":999999999999999999,"event":{"name":"client_event"}}"#,
         )
-        .query(&mut conn)
+        .query(&mut *conn)
         .unwrap();
     // A producer writing the documented minimal format.
     let _: String = redis::cmd("XADD")
@@ -501,7 +493,7 @@ async fn a_malformed_inbox_entry_is_dead_lettered_and_the_next_job_still_flows()
         .arg("*")
         .arg("job")
         .arg(r#"{"app_id":"app-1","event":{"name":"client_event","channel":"private-a","data":"{}"}}"#)
-        .query(&mut conn)
+        .query(&mut *conn)
         .unwrap();
 
     let got = rx.wait_for("hook", 1, WAIT).await;
@@ -948,4 +940,110 @@ async fn a_tls_redis_is_used_with_its_ca_and_refused_with_another() {
     wh.shutdown().await;
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// On a cluster, SIGKILL the primary that holds the queue's slot during a
+/// run: its replica takes over, the worker goes on without a restart, the
+/// ingest answers 503 while no primary (and, with `wait_replicas = 1`, no
+/// replica) can store an event, and every event answered 202 is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_primary_is_failed_over_and_no_accepted_event_is_lost() {
+    let mut cluster = RedisCluster::start(Duration::from_secs(2));
+    let rx = Receiver::start().await;
+    let p = prefix("failover");
+    let text = config_with(
+        &format!(
+            "{}wait_replicas = 1\nwait_timeout = \"300ms\"\n",
+            cluster.section()
+        ),
+        &p,
+        "127.0.0.1:0",
+        &app("app-1", &standard_endpoint(&rx.url("hook"))),
+    );
+    let wh = Running::start(&text, Mode::All).await;
+
+    // A producer posting one event at a time, recording every answer.
+    let answers: std::sync::Arc<std::sync::Mutex<Vec<(u16, Option<String>)>>> = Default::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let poster = tokio::spawn({
+        let (ingest, answers, stop) = (wh.ingest.clone(), answers.clone(), stop.clone());
+        async move {
+            let mut i = 0;
+            while !stop.is_cancelled() {
+                i += 1;
+                let event = json!({"name": "client_event", "channel": "c", "data": i.to_string()});
+                let (status, body) =
+                    post_events(&ingest, "app-1", Some("app-1-token"), event.to_string()).await;
+                let id = body["ids"][0].as_str().map(String::from);
+                answers.lock().unwrap().push((status, id));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    });
+    let accepted = |answers: &std::sync::Mutex<Vec<(u16, Option<String>)>>| -> Vec<String> {
+        let a = answers.lock().unwrap();
+        a.iter()
+            .filter(|(s, _)| *s == 202)
+            .filter_map(|(_, id)| id.clone())
+            .collect()
+    };
+    eventually("deliveries under way", WAIT, async || {
+        (rx.arrived("hook") >= 30).then_some(())
+    })
+    .await;
+
+    let victim = cluster.primary_of(&format!("{p}:{{0}}:ready"));
+    cluster.nodes[victim].stop();
+    let killed_at = answers.lock().unwrap().len();
+    // The replica is promoted (the node timeout is 2 s).
+    tokio::task::block_in_place(|| cluster.wait_until_ok(Duration::from_secs(30)));
+    let promoted = cluster.primary_of(&format!("{p}:{{0}}:ready"));
+    assert_ne!(promoted, victim);
+    // The new primary has no replica yet: nothing can be stored as asked.
+    eventually("a 503 while the slot cannot store", WAIT, async || {
+        let a = answers.lock().unwrap();
+        a[killed_at..].iter().any(|(s, _)| *s == 503).then_some(())
+    })
+    .await;
+    // The killed node comes back as the new primary's replica.
+    tokio::task::block_in_place(|| {
+        cluster.nodes[victim].restart();
+        cluster.wait_until_ok(Duration::from_secs(30));
+    });
+    let back_at = answers.lock().unwrap().len();
+    eventually("events accepted again", WAIT, async || {
+        let a = answers.lock().unwrap();
+        (a[back_at..].iter().filter(|(s, _)| *s == 202).count() >= 20).then_some(())
+    })
+    .await;
+    stop.cancel();
+    poster.await.unwrap();
+
+    let all = answers.lock().unwrap().clone();
+    assert!(
+        all.iter().all(|(s, _)| *s == 202 || *s == 503),
+        "only 202 or 503: {:?}",
+        all.iter()
+            .map(|(s, _)| s)
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+    let ids: std::collections::HashSet<String> = accepted(&answers).into_iter().collect();
+    let seen = eventually("every accepted event delivered", WAIT, async || {
+        let seen: std::collections::HashSet<String> = rx
+            .received("hook")
+            .iter()
+            .map(|r| r.header("webhook-id").to_string())
+            .collect();
+        ids.is_subset(&seen).then_some(seen)
+    })
+    .await;
+    assert!(ids.is_subset(&seen));
+    eprintln!(
+        "failover: {} answers, {} accepted, {} refused with 503, {} deliveries",
+        all.len(),
+        ids.len(),
+        all.iter().filter(|(s, _)| *s == 503).count(),
+        rx.arrived("hook")
+    );
+    wh.shutdown().await;
 }

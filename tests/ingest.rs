@@ -416,3 +416,57 @@ async fn a_thousand_event_names_in_one_request_make_no_queues_and_no_connections
     );
     wh.shutdown().await;
 }
+
+/// `redis.wait_replicas = 1`: an event is answered 202 only once a replica
+/// has it; with no replica the answer is 503 (try again), never 202.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_wait_replicas_an_event_is_accepted_only_once_a_replica_has_it() {
+    let primary = RedisServer::start();
+    let rx = Receiver::start().await;
+    let text = config_with(
+        &format!(
+            "url = \"{}\"\nwait_replicas = 1\nwait_timeout = \"200ms\"\n",
+            primary.url
+        ),
+        &prefix("durable"),
+        "127.0.0.1:0",
+        &app("app-1", &pusher_endpoint(&rx.url("hook"))),
+    );
+    let wh = Running::start(&text, Mode::All).await;
+    let event = json!({"name": "client_event", "channel": "c"}).to_string();
+    let (status, body) = post_events(&wh.ingest, "app-1", Some("app-1-token"), event.clone()).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("only 0 of 1 Redis replicas confirmed the write"),
+        "{body}"
+    );
+
+    let port = primary.port.to_string();
+    let replica = (0..5)
+        .find_map(|_| RedisServer::spawn(free_port(), &["--replicaof", "127.0.0.1", &port]))
+        .expect("a replica starts");
+    let mut conn = replica.conn();
+    eventually(
+        "the replica is in sync",
+        Duration::from_secs(15),
+        async || {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut conn)
+                .unwrap();
+            info.contains("master_link_status:up").then_some(())
+        },
+    )
+    .await;
+    let (status, body) = post_events(&wh.ingest, "app-1", Some("app-1-token"), event).await;
+    assert_eq!(status, 202, "{body}");
+    // The 503'd event may have been stored anyway (the answer says "try
+    // again", and a retry with an Idempotency-Key is safe): at least the
+    // accepted one arrives.
+    let got = rx.wait_for("hook", 1, Duration::from_secs(15)).await;
+    verify_pusher(&got[0], "app-1-key", APP_SECRET);
+    wh.shutdown().await;
+}

@@ -11,14 +11,13 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_mid_run_loses_nothing() {
-    let redis = RedisServer::start();
+on_each_backend!(a_worker_killed_mid_run_loses_nothing);
+
+async fn a_worker_killed_mid_run_loses_nothing(redis: Backend) {
     let rx = Receiver::start().await;
     rx.delay("hook", Duration::from_millis(5));
     let p = prefix("sigkill");
-    let text = config(
-        Some(&redis.url),
+    let text = redis.config(
         &p,
         "127.0.0.1:0",
         &app("app-1", &standard_endpoint(&rx.url("hook"))),
@@ -26,7 +25,7 @@ async fn a_worker_killed_mid_run_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(&dir, &text);
 
-    let producer = wasmhook::producer::Producer::connect(&redis.url, &p).unwrap();
+    let producer = wasmhook::producer::Producer::from_settings(&settings(&text)).unwrap();
     let events: Vec<serde_json::Value> = (0..1000).map(|i| json!({"name": "client_event", "channel": format!("private-{i}"), "data": i.to_string()})).collect();
     let ids: HashSet<String> = producer
         .send_many("app-1", events)

@@ -301,6 +301,12 @@ const REDIS: &[&str] = &[
     "\"redis://h/99999999999999999999\"",
     "\"x\"",
 ];
+const REDIS_LISTS: &[&str] = &[
+    "[]",
+    "[\"redis://127.0.0.1:7001\", \"redis://127.0.0.1:7002\"]",
+    "[\"rediss://127.0.0.1:7001\"]",
+    "[\"redis://h/3\", \"x\"]",
+];
 const URL: &[&str] = &[
     "\"http://127.0.0.1:9/h\"",
     "\"https://example.com/x\"",
@@ -390,6 +396,10 @@ const KEYS: &[(&str, Keys)] = &[
         "redis",
         &[
             ("url", REDIS),
+            ("cluster", BOOL),
+            ("urls", REDIS_LISTS),
+            ("wait_replicas", INT),
+            ("wait_timeout", DURATION),
             ("prefix", TEXT),
             ("username", TEXT),
             ("password", TEXT),

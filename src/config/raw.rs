@@ -157,6 +157,15 @@ pub struct RawPluginRef {
 #[serde(deny_unknown_fields)]
 pub struct RawRedis {
     pub url: Option<String>,
+    /// A Redis Cluster: `url` and `urls` are seed nodes.
+    pub cluster: bool,
+    /// More seed nodes of the cluster.
+    pub urls: Vec<String>,
+    /// Replicas that must have accepted events before the ingest answers
+    /// 202 (WAIT); 0 = the primary.
+    pub wait_replicas: u32,
+    #[serde(with = "duration")]
+    pub wait_timeout: Duration,
     pub prefix: String,
     /// ACL user; "" = the URL's, or none.
     pub username: String,

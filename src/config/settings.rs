@@ -109,6 +109,89 @@ fn redis_auth(
     }
 }
 
+/// Longest `redis.wait_timeout`: the ingest waits 5 s for the queue in all.
+const MAX_WAIT: Duration = Duration::from_secs(3);
+
+/// Cluster seeds and durability. URLs are checked without being quoted (they
+/// may hold a password).
+fn redis_topology(c: &mut Check, raw: &super::raw::RawRedis) {
+    for (i, url) in raw.urls.iter().enumerate() {
+        if redis::Client::open(url.as_str()).is_err() {
+            c.fail(
+                format!("redis.urls.{i}"),
+                "not a Redis URL: expected redis://host:port or rediss://host:port",
+            );
+        }
+    }
+    let all: Vec<&str> = raw
+        .url
+        .iter()
+        .chain(&raw.urls)
+        .map(String::as_str)
+        .collect();
+    if raw.cluster && raw.url.is_none() {
+        c.fail(
+            "redis.cluster",
+            "needs redis.url (a seed node of the cluster)",
+        );
+    }
+    if !raw.cluster && !raw.urls.is_empty() {
+        c.fail(
+            "redis.urls",
+            "more seed nodes are for a cluster: set redis.cluster = true",
+        );
+    }
+    if raw.cluster {
+        if all
+            .iter()
+            .any(|u| u.starts_with("unix:") || u.starts_with("redis+unix:"))
+        {
+            c.fail(
+                "redis.url",
+                "a cluster is reached over TCP: use redis:// or rediss://",
+            );
+        }
+        let tls = all.iter().filter(|u| u.starts_with("rediss://")).count();
+        if tls != 0 && tls != all.len() {
+            c.fail(
+                "redis.urls",
+                "use rediss:// for every seed node or for none",
+            );
+        }
+        let db = |u: &&str| {
+            use redis::IntoConnectionInfo;
+            u.into_connection_info()
+                .is_ok_and(|i| i.redis_settings().db() != 0)
+        };
+        if all.iter().any(db) {
+            c.fail(
+                "redis.url",
+                "a cluster has database 0 only: drop the /db part",
+            );
+        }
+    }
+    if raw.wait_replicas > 0 {
+        if raw.url.is_none() {
+            c.fail(
+                "redis.wait_replicas",
+                "needs redis.url: the embedded queue has no replicas",
+            );
+        }
+        if raw.wait_replicas > 100 {
+            c.fail("redis.wait_replicas", "must be at most 100");
+        }
+        if raw.wait_timeout.is_zero() || raw.wait_timeout > MAX_WAIT {
+            c.fail(
+                "redis.wait_timeout",
+                format!(
+                    "must be more than 0 and at most {}",
+                    humantime::format_duration(MAX_WAIT)
+                ),
+            );
+        }
+    }
+}
+
 /// Largest count of jobs, slots or turns a config may set: far above what
 /// one process can use, and small enough that sizes derived from it (channel
 /// capacities, sums) cannot overflow.
@@ -123,6 +206,13 @@ use crate::signing::{self, standard::StandardKey};
 pub struct Settings {
     /// None: the embedded in-memory queue.
     pub redis_url: Option<String>,
+    /// A Redis Cluster, `redis_url` and these its seed nodes.
+    pub redis_cluster: bool,
+    pub redis_urls: Vec<String>,
+    /// Replicas an accepted event must reach before 202, and how long to
+    /// wait for them.
+    pub redis_wait_replicas: u32,
+    pub redis_wait_timeout: Duration,
     /// Credentials that win over the URL's, and the TLS trust.
     pub redis_auth: RedisAuth,
     pub keys: Keys,
@@ -174,16 +264,24 @@ impl Settings {
     /// password applied. Ok(None) for the embedded queue; an error (which
     /// never holds the URL) when the URL does not parse.
     pub fn redis_connection(&self) -> Result<Option<redis::ConnectionInfo>, redis::RedisError> {
+        self.redis_url
+            .as_deref()
+            .map(|url| self.node_connection(url, "redis.url"))
+            .transpose()
+    }
+
+    fn node_connection(
+        &self,
+        url: &str,
+        key: &'static str,
+    ) -> Result<redis::ConnectionInfo, redis::RedisError> {
         use redis::IntoConnectionInfo;
-        let Some(url) = self.redis_url.as_deref() else {
-            return Ok(None);
-        };
         let info = if self.redis_auth.tls_insecure && !url.contains('#') {
             format!("{url}#insecure").into_connection_info()
         } else {
             url.into_connection_info()
         }
-        .map_err(|e| redis::RedisError::from((e.kind(), "redis.url is not a Redis URL")))?;
+        .map_err(|e| redis::RedisError::from((e.kind(), key, "not a Redis URL".to_string())))?;
         let mut redis = info.redis_settings().clone();
         if let Some(user) = &self.redis_auth.username {
             redis = redis.set_username(user);
@@ -191,7 +289,27 @@ impl Settings {
         if let Some(password) = &self.redis_auth.password {
             redis = redis.set_password(password.expose());
         }
-        Ok(Some(info.set_redis_settings(redis)))
+        Ok(info.set_redis_settings(redis))
+    }
+
+    /// The Redis the queue lives in: the server, or the cluster's seed
+    /// nodes, with credentials, TLS trust and durability. Ok(None) for the
+    /// embedded queue.
+    pub fn redis_target(&self) -> Result<Option<crate::queue::RedisTarget>, redis::RedisError> {
+        let Some(first) = self.redis_connection()? else {
+            return Ok(None);
+        };
+        let mut nodes = vec![first];
+        for url in &self.redis_urls {
+            nodes.push(self.node_connection(url, "redis.urls")?);
+        }
+        Ok(Some(crate::queue::RedisTarget {
+            nodes,
+            cluster: self.redis_cluster,
+            ca: self.redis_auth.ca.clone(),
+            wait_replicas: self.redis_wait_replicas,
+            wait_timeout: self.redis_wait_timeout,
+        }))
     }
 
     /// What the queue needs to know for its whole life.
@@ -285,6 +403,7 @@ pub(super) fn build(
         );
     }
     let redis_auth = redis_auth(&mut c, &raw.redis, base_dir);
+    redis_topology(&mut c, &raw.redis);
     if raw.redis.prefix.is_empty() || raw.redis.prefix.contains(['{', '}']) {
         c.fail(
             "redis.prefix",
@@ -419,6 +538,10 @@ pub(super) fn build(
     let warnings = blocked_endpoints(&raw, &egress.guard);
     Ok(Settings {
         redis_url: raw.redis.url,
+        redis_cluster: raw.redis.cluster,
+        redis_urls: raw.redis.urls,
+        redis_wait_replicas: raw.redis.wait_replicas,
+        redis_wait_timeout: raw.redis.wait_timeout,
         redis_auth,
         keys: Keys::new(raw.redis.prefix),
         server: ServerSettings {

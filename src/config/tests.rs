@@ -810,3 +810,56 @@ fn tls_settings_need_a_rediss_url_and_a_readable_pem() {
     .unwrap();
     assert!(s.redis_connection().unwrap().is_some());
 }
+
+#[test]
+fn a_cluster_is_named_by_seed_nodes_and_durability_is_bounded() {
+    let s = load(&format!(
+        "[redis]\nurl = \"redis://10.0.0.1:7000\"\ncluster = true\nurls = [\"redis://10.0.0.2:7000\"]\nusername = \"hooks\"\nwait_replicas = 1\nwait_timeout = \"200ms\"\n{APP}"
+    ))
+    .unwrap();
+    let target = s.redis_target().unwrap().unwrap();
+    assert!(target.cluster);
+    assert_eq!(target.nodes.len(), 2);
+    assert!(
+        target
+            .nodes
+            .iter()
+            .all(|n| n.redis_settings().username() == Some("hooks")),
+        "the login applies to every seed node"
+    );
+    assert_eq!(
+        (target.wait_replicas, target.wait_timeout),
+        (1, std::time::Duration::from_millis(200))
+    );
+    // The defaults: one server, nothing waited for.
+    let s = load(&format!(
+        "[redis]\nurl = \"redis://10.0.0.1:6379/2\"\n{APP}"
+    ))
+    .unwrap();
+    let target = s.redis_target().unwrap().unwrap();
+    assert!(!target.cluster && target.nodes.len() == 1 && target.wait_replicas == 0);
+    assert_eq!(target.nodes[0].redis_settings().db(), 2);
+
+    let p = problems("[redis]\ncluster = true\n");
+    assert_problem(&p, "redis.cluster: needs redis.url");
+    let p = problems("[redis]\nurl = \"redis://a:1\"\nurls = [\"redis://b:1\"]\n");
+    assert_problem(&p, "redis.urls: more seed nodes are for a cluster");
+    let p = problems("[redis]\nurl = \"redis://a:1/3\"\ncluster = true\n");
+    assert_problem(&p, "redis.url: a cluster has database 0 only");
+    let p = problems("[redis]\nurl = \"rediss://a:1\"\ncluster = true\nurls = [\"redis://b:1\"]\n");
+    assert_problem(
+        &p,
+        "redis.urls: use rediss:// for every seed node or for none",
+    );
+    let p = problems(
+        "[redis]\nurl = \"redis://a:1\"\ncluster = true\nurls = [\"redis://:seed-pw-321@b:1\", \"http://:seed-pw-321@c\"]\n",
+    );
+    assert_problem(&p, "redis.urls.1: not a Redis URL");
+    assert!(p.iter().all(|m| !m.contains("seed-pw-321")), "{p:?}");
+    let p = problems("[redis]\nwait_replicas = 1\n");
+    assert_problem(&p, "redis.wait_replicas: needs redis.url");
+    let p = problems("[redis]\nurl = \"redis://a:1\"\nwait_replicas = 1\nwait_timeout = \"10s\"\n");
+    assert_problem(&p, "redis.wait_timeout: must be more than 0 and at most 3s");
+    let p = problems("[redis]\nurl = \"redis://a:1\"\nwait_replicas = 101\n");
+    assert_problem(&p, "redis.wait_replicas: must be at most 100");
+}

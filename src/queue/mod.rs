@@ -29,7 +29,7 @@ use serde::Serialize;
 pub use self::entry::{DeadLetter, Entry, Malformed};
 pub use self::keys::Keys;
 pub use self::memory::MemoryQueue;
-pub use self::redis::RedisQueue;
+pub use self::redis::{RedisQueue, RedisTarget};
 use crate::breaker::{BreakerSettings, Signal, State};
 use crate::event::Job;
 use crate::ratelimit::RateLimit;
@@ -55,6 +55,12 @@ pub enum QueueError {
         "Redis refused the login ({0}): check redis.username and the password (redis.url, redis.password or redis.password_file)"
     )]
     LoginRefused(String),
+    #[error("only {acked} of {wanted} Redis replicas confirmed the write within {within:?}")]
+    NotReplicated {
+        wanted: u32,
+        acked: u32,
+        within: Duration,
+    },
 }
 
 /// One outcome counter: how jobs left the queue.

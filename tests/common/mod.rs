@@ -36,57 +36,86 @@ pub struct RedisServer {
     child: Option<std::process::Child>,
     pub port: u16,
     pub url: String,
-    _dir: tempfile::TempDir,
+    extra: Vec<String>,
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let dir = tempfile::tempdir().unwrap();
         for _ in 0..5 {
-            let port = free_port();
-            let child = std::process::Command::new("redis-server")
-                .args([
-                    "--port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--protected-mode",
-                    "no",
-                ])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server must be installed (apt-get install redis-server)");
-            let url = format!("redis://127.0.0.1:{port}");
-            let mut server = RedisServer {
-                child: Some(child),
-                port,
-                url,
-                _dir: tempfile::tempdir().unwrap(),
-            };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(client) = redis::Client::open(server.url.as_str())
-                    && let Ok(mut conn) = client.get_connection()
-                    && redis::cmd("PING").query::<String>(&mut conn).is_ok()
-                {
-                    server._dir = dir;
-                    return server;
-                }
-                if let Some(Ok(Some(_))) = server.child.as_mut().map(|c| c.try_wait()) {
-                    break; // port taken meanwhile: try another
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            if let Some(server) = RedisServer::spawn(free_port(), &[]) {
+                return server;
             }
-            server.stop();
         }
         panic!("could not start redis-server");
+    }
+
+    /// A redis-server on `port` with `extra` arguments, once it answers PING;
+    /// None when it does not start (the port was taken meanwhile).
+    pub fn spawn(port: u16, extra: &[&str]) -> Option<RedisServer> {
+        let mut server = RedisServer {
+            child: None,
+            port,
+            url: format!("redis://127.0.0.1:{port}"),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        server.launch().then_some(server)
+    }
+
+    /// Starts the server again after [`Self::stop`], with its files (a
+    /// cluster node rejoins its cluster).
+    pub fn restart(&mut self) {
+        assert!(
+            self.launch(),
+            "redis-server on port {} did not restart",
+            self.port
+        );
+    }
+
+    fn launch(&mut self) -> bool {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ])
+            .args(&self.extra)
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install redis-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(client) = redis::Client::open(self.url.as_str())
+                && let Ok(mut conn) = client.get_connection()
+                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+            {
+                return true;
+            }
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                break; // port taken meanwhile
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stop();
+        false
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn stop(&mut self) {
@@ -107,6 +136,200 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A free port for a cluster node: below 55535, with its bus port (+10000)
+/// free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port < 55535 && StdListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+        // Outside the range: try a port of our choosing.
+        let pick = 20000 + (rand_u16() % 30000);
+        if StdListener::bind(("127.0.0.1", pick)).is_ok()
+            && StdListener::bind(("127.0.0.1", pick + 10000)).is_ok()
+        {
+            return pick;
+        }
+    }
+}
+
+fn rand_u16() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish() as u16
+}
+
+/// A private Redis Cluster: 3 primaries and 3 replicas on 127.0.0.1, joined
+/// with `redis-cli --cluster create`, torn down on drop.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// `node_timeout`: how long a silent primary takes to be failed over.
+    pub fn start(node_timeout: Duration) -> RedisCluster {
+        let timeout = node_timeout.as_millis().to_string();
+        let mut nodes = Vec::new();
+        while nodes.len() < 6 {
+            let port = free_cluster_port();
+            let node = RedisServer::spawn(
+                port,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    &timeout,
+                    "--cluster-config-file",
+                    &format!("nodes-{port}.conf"),
+                    "--repl-diskless-sync",
+                    "yes",
+                    "--repl-diskless-sync-delay",
+                    "0",
+                ],
+            );
+            nodes.extend(node);
+        }
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli must be installed");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = RedisCluster { nodes };
+        cluster.wait_until_ok(Duration::from_secs(30));
+        cluster
+    }
+
+    /// Every running node says `cluster_state:ok`, sees 3 primaries, and
+    /// every replica's link to its primary is up.
+    pub fn wait_until_ok(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let ok = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                let Ok(mut conn) =
+                    redis::Client::open(n.url.as_str()).and_then(|c| c.get_connection())
+                else {
+                    return false;
+                };
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query(&mut conn)
+                    .unwrap_or_default();
+                let repl: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query(&mut conn)
+                    .unwrap_or_default();
+                info.contains("cluster_state:ok")
+                    && info.contains("cluster_size:3")
+                    && (repl.contains("role:master") || repl.contains("master_link_status:up"))
+            });
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not settle");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The `[redis]` lines that point wasmhook at this cluster.
+    pub fn section(&self) -> String {
+        let seeds: Vec<String> = self.nodes[1..]
+            .iter()
+            .map(|n| format!("\"{}\"", n.url))
+            .collect();
+        format!(
+            "url = \"{}\"\ncluster = true\nurls = [{}]\n",
+            self.nodes[0].url,
+            seeds.join(", ")
+        )
+    }
+
+    pub fn conn(&self) -> redis::cluster::ClusterConnection {
+        redis::cluster::ClusterClient::new(
+            self.nodes
+                .iter()
+                .map(|n| n.url.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .unwrap()
+        .get_connection()
+        .unwrap()
+    }
+
+    /// The index of the node that is the primary of `key`'s slot now.
+    pub fn primary_of(&self, key: &str) -> usize {
+        let mut conn = self.conn();
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut conn)
+            .unwrap();
+        let nodes: String = redis::cmd("CLUSTER").arg("NODES").query(&mut conn).unwrap();
+        // <id> <ip:port@bus> <flags> <primary> <ping> <pong> <epoch> <link> <slot ranges...>
+        let port = nodes
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| {
+                f.len() > 8
+                    && f[2].contains("master")
+                    && !f[2].contains("fail")
+                    && f[8..].iter().any(|range| {
+                        let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                        matches!((lo.parse::<i64>(), hi.parse::<i64>()),
+                            (Ok(lo), Ok(hi)) if lo <= slot && slot <= hi)
+                    })
+            })
+            .and_then(|f| f[1].split(['@', ':']).nth(1)?.parse::<u16>().ok())
+            .expect("some node is the slot's primary");
+        self.nodes.iter().position(|n| n.port == port).unwrap()
+    }
+}
+
+/// Where a test's Redis lives: one server or a cluster.
+pub enum Backend {
+    Standalone(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Backend {
+    pub fn standalone() -> Backend {
+        Backend::Standalone(RedisServer::start())
+    }
+
+    /// A cluster whose primaries are not failed over by a busy test box.
+    pub fn cluster() -> Backend {
+        Backend::Cluster(RedisCluster::start(Duration::from_secs(15)))
+    }
+
+    /// The `[redis]` lines (without the prefix).
+    pub fn section(&self) -> String {
+        match self {
+            Backend::Standalone(r) => format!("url = \"{}\"\n", r.url),
+            Backend::Cluster(c) => c.section(),
+        }
+    }
+
+    /// Config text as [`config`] makes it, on this backend.
+    pub fn config(&self, prefix: &str, listen: &str, apps: &str) -> String {
+        config_with(&self.section(), prefix, listen, apps)
+    }
+
+    /// A connection for raw commands (key-routed on a cluster).
+    pub fn conn(&self) -> Box<dyn redis::ConnectionLike> {
+        match self {
+            Backend::Standalone(r) => Box::new(r.conn()),
+            Backend::Cluster(c) => Box::new(c.conn()),
+        }
     }
 }
 
@@ -317,6 +540,11 @@ pub fn config(redis: Option<&str>, prefix: &str, listen: &str, apps: &str) -> St
         Some(url) => format!("url = \"{url}\"\n"),
         None => String::new(),
     };
+    config_with(&redis, prefix, listen, apps)
+}
+
+/// As [`config`], with the `[redis]` lines given whole.
+pub fn config_with(redis: &str, prefix: &str, listen: &str, apps: &str) -> String {
     format!(
         r#"
 [redis]
@@ -633,4 +861,23 @@ pub fn commands_processed(redis: &RedisServer) -> u64 {
         .find_map(|l| l.strip_prefix("total_commands_processed:"))
         .and_then(|v| v.trim().parse().ok())
         .expect("INFO stats has total_commands_processed")
+}
+
+/// Runs each named `async fn(Backend)` twice: on one redis-server
+/// (`<name>::standalone`) and on a Redis Cluster (`<name>::cluster`).
+#[macro_export]
+macro_rules! on_each_backend {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn standalone() {
+                super::$name(super::common::Backend::standalone()).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cluster() {
+                super::$name(super::common::Backend::cluster()).await
+            }
+        }
+    )*};
 }

@@ -3,18 +3,24 @@
 //! is atomic and touches one Redis Cluster slot. Raw producers XADD to an
 //! inbox stream that workers read through the consumer group [`GROUP`].
 //!
-//! Connections: one multiplexed connection for every command, one for the
-//! doorbell subscription, and one for the blocking inbox read: the same
-//! three whatever the number of apps.
+//! Connections (`link`): one multiplexed connection for every command, one
+//! for the doorbell subscription, and one for the blocking inbox read: the
+//! same three whatever the number of apps (and one more for durable writes
+//! when replicas are waited for). The same code runs on one server and on a
+//! Redis Cluster.
+
+mod link;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamRangeReply, StreamReadReply};
-use redis::{AsyncConnectionConfig, Client, Script, Value};
+use redis::{Script, Value};
+
+pub use self::link::RedisTarget;
+use self::link::{Conn, Link};
 
 use super::entry::{self, DEAD_FIELD, DeadLetter, Entry, JOB_FIELD};
 use super::{
@@ -28,7 +34,7 @@ use crate::event::Job;
 /// request's fingerprint follows it.
 const PENDING: &str = "\u{0}pending";
 
-const COMMON: &str = include_str!("lua/common.lua");
+const COMMON: &str = include_str!("../lua/common.lua");
 
 struct Scripts {
     admit: Script,
@@ -44,21 +50,20 @@ impl Scripts {
     fn new() -> Scripts {
         let s = |body: &str| Script::new(&format!("{COMMON}\n{body}"));
         Scripts {
-            admit: s(include_str!("lua/admit.lua")),
-            take: s(include_str!("lua/take.lua")),
-            commit: s(include_str!("lua/commit.lua")),
-            configure: s(include_str!("lua/configure.lua")),
-            replay: s(include_str!("lua/replay.lua")),
-            reset: s(include_str!("lua/reset.lua")),
-            status: s(include_str!("lua/status.lua")),
+            admit: s(include_str!("../lua/admit.lua")),
+            take: s(include_str!("../lua/take.lua")),
+            commit: s(include_str!("../lua/commit.lua")),
+            configure: s(include_str!("../lua/configure.lua")),
+            replay: s(include_str!("../lua/replay.lua")),
+            reset: s(include_str!("../lua/reset.lua")),
+            status: s(include_str!("../lua/status.lua")),
         }
     }
 }
 
 #[derive(Clone)]
 pub struct RedisQueue {
-    client: Client,
-    conn: ConnectionManager,
+    link: Arc<Link>,
     keys: Keys,
     options: Arc<QueueOptions>,
     scripts: Arc<Scripts>,
@@ -67,34 +72,13 @@ pub struct RedisQueue {
 impl RedisQueue {
     /// Connects lazily: a Redis that is down at start is retried on use, so
     /// the ingest can answer 503 and the worker can wait for it.
-    /// `ca`: the PEM of the CA that signed the server's certificate, for a
-    /// rediss:// target (None: the system's trust store).
     pub fn connect(
-        target: impl redis::IntoConnectionInfo,
-        ca: Option<Vec<u8>>,
+        target: RedisTarget,
         keys: Keys,
         options: QueueOptions,
     ) -> Result<Self, QueueError> {
-        // TLS (rediss://) runs on rustls.
-        crate::install_crypto_provider();
-        let client = match ca {
-            Some(root_cert) => Client::build_with_tls(
-                target,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root_cert),
-                },
-            )?,
-            None => Client::open(target)?,
-        };
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(1);
-        let conn = client.get_connection_manager_lazy(config)?;
         Ok(RedisQueue {
-            client,
-            conn,
+            link: Arc::new(Link::open(target)?),
             keys,
             options: Arc::new(options),
             scripts: Arc::new(Scripts::new()),
@@ -105,11 +89,15 @@ impl RedisQueue {
         &self.keys
     }
 
+    fn conn(&self) -> Conn {
+        self.link.conn()
+    }
+
     /// Logs in once: Err only when Redis answers and refuses the
     /// credentials (a Redis that cannot be reached now is retried on use).
     pub async fn check_login(&self) -> Result<(), QueueError> {
         let login = async {
-            let mut conn = self.client.get_multiplexed_async_connection().await?;
+            let mut conn = self.link.own().await?;
             redis::cmd("PING").query_async::<()>(&mut conn).await
         };
         let refused = |why: &str| Err(QueueError::LoginRefused(why.to_string()));
@@ -144,13 +132,21 @@ impl RedisQueue {
             .iter()
             .map(|j| (j.endpoint.clone().unwrap_or_default(), entry::encode(j)))
             .collect();
-        self.admit(app_jobs(app, &encoded), &[], &[]).await
+        // Accepted events are acknowledged to their producer: stored on as
+        // many replicas as the config asks before that.
+        let jobs = app_jobs(app, &encoded);
+        self.link
+            .durable_write(&self.keys.key("ready"), async |conn| {
+                self.admit(conn, jobs, &[], &[]).await
+            })
+            .await
     }
 
     /// Queues jobs `(app, partition, json)`, dead-letters letters, and acks
     /// inbox entries, in one step.
     async fn admit(
         &self,
+        conn: &mut Conn,
         jobs: Vec<(&str, &str, &str)>,
         dead: &[String],
         inbox_ids: &[String],
@@ -173,7 +169,7 @@ impl RedisQueue {
         for id in inbox_ids {
             inv.arg(id);
         }
-        inv.invoke_async::<()>(&mut self.conn.clone()).await?;
+        inv.invoke_async::<()>(conn).await?;
         Ok(())
     }
 
@@ -197,7 +193,7 @@ impl RedisQueue {
             inv.arg(format!("e:{}|{}", e.app, e.endpoint))
                 .arg(format!("{} {interval} {tolerance}", e.max_in_flight));
         }
-        inv.invoke_async::<()>(&mut self.conn.clone()).await?;
+        inv.invoke_async::<()>(&mut self.conn()).await?;
         Ok(())
     }
 
@@ -217,7 +213,7 @@ impl RedisQueue {
         for (app, room) in &r.intake_room {
             inv.arg(app).arg(room);
         }
-        let reply: Vec<Value> = inv.invoke_async(&mut self.conn.clone()).await?;
+        let reply: Vec<Value> = inv.invoke_async(&mut self.conn()).await?;
         let (mut taken, leases) = parse_taken(reply)?;
         if leases.is_empty() {
             return Ok(taken);
@@ -229,7 +225,7 @@ impl RedisQueue {
         for (_, _, job_id, _) in &leases {
             cmd.arg(job_id);
         }
-        let bodies: Vec<Option<Vec<u8>>> = cmd.query_async(&mut self.conn.clone()).await?;
+        let bodies: Vec<Option<Vec<u8>>> = cmd.query_async(&mut self.conn()).await?;
         if bodies.len() != leases.len() {
             return Err(QueueError::Corrupt("job bodies reply".into()));
         }
@@ -344,7 +340,7 @@ impl RedisQueue {
         for ((app, endpoint), n) in successes {
             inv.arg(app).arg(endpoint).arg(n);
         }
-        let reply: Vec<String> = inv.invoke_async(&mut self.conn.clone()).await?;
+        let reply: Vec<String> = inv.invoke_async(&mut self.conn()).await?;
         Ok(reply
             .chunks_exact(3)
             .map(|c| StateChange {
@@ -361,9 +357,10 @@ impl RedisQueue {
 
     pub(super) async fn doorbell(&self) -> Result<RedisDoorbell, QueueError> {
         Ok(RedisDoorbell {
-            client: self.client.clone(),
+            link: self.link.clone(),
             channel: self.keys.doorbell(),
             sub: None,
+            turn: 0,
         })
     }
 
@@ -377,7 +374,7 @@ impl RedisQueue {
             .arg("+")
             .arg("COUNT")
             .arg(count.max(1))
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut self.conn())
             .await?;
         reply.ids.into_iter().map(to_dead_letter).collect()
     }
@@ -387,7 +384,7 @@ impl RedisQueue {
             .arg(self.keys.dlq())
             .arg(id)
             .arg(id)
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut self.conn())
             .await?;
         reply
             .ids
@@ -403,7 +400,7 @@ impl RedisQueue {
             .arg(&job.app_id)
             .arg(job.endpoint.as_deref().unwrap_or(""))
             .arg(entry::encode(job));
-        let done: i64 = inv.invoke_async(&mut self.conn.clone()).await?;
+        let done: i64 = inv.invoke_async(&mut self.conn()).await?;
         if done == 0 {
             return Err(QueueError::NoSuchDeadLetter(id.into()));
         }
@@ -413,7 +410,7 @@ impl RedisQueue {
     pub(super) async fn stats(&self) -> Result<BTreeMap<String, u64>, QueueError> {
         Ok(redis::cmd("HGETALL")
             .arg(self.keys.key("stats"))
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut self.conn())
             .await?)
     }
 
@@ -438,7 +435,7 @@ impl RedisQueue {
             .arg(k("dlq"))
             .zrange_withscores(k("waiting"), 0, 0)
             .cmd("TIME")
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut self.conn())
             .await?;
         Ok(Depth {
             ready: ready.unwrap_or(0).max(0) as u64,
@@ -467,7 +464,7 @@ impl RedisQueue {
         for p in &parts {
             pipe.llen(self.keys.list(app, p.as_deref()));
         }
-        let lens: Vec<u64> = pipe.query_async(&mut self.conn.clone()).await?;
+        let lens: Vec<u64> = pipe.query_async(&mut self.conn()).await?;
         Ok(parts.into_iter().zip(lens).collect())
     }
 
@@ -483,7 +480,7 @@ impl RedisQueue {
             for (app, ep) in chunk {
                 inv.arg(app).arg(ep);
             }
-            let reply: Vec<Value> = inv.invoke_async(&mut self.conn.clone()).await?;
+            let reply: Vec<Value> = inv.invoke_async(&mut self.conn()).await?;
             if reply.len() != chunk.len() * 9 {
                 return Err(QueueError::Corrupt("endpoint status reply".into()));
             }
@@ -514,13 +511,13 @@ impl RedisQueue {
     pub(super) async fn reset_endpoint(&self, app: &str, endpoint: &str) -> Result<(), QueueError> {
         let mut inv = self.invoke(&self.scripts.reset);
         inv.arg(app).arg(endpoint);
-        inv.invoke_async::<()>(&mut self.conn.clone()).await?;
+        inv.invoke_async::<()>(&mut self.conn()).await?;
         Ok(())
     }
 
     pub(super) async fn ping(&self) -> Result<(), QueueError> {
         redis::cmd("PING")
-            .query_async::<()>(&mut self.conn.clone())
+            .query_async::<()>(&mut self.conn())
             .await?;
         Ok(())
     }
@@ -533,7 +530,7 @@ impl RedisQueue {
             .arg(GROUP)
             .arg("0")
             .arg("MKSTREAM")
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut self.conn())
             .await;
         match created {
             Err(e) if e.code() != Some("BUSYGROUP") => Err(e.into()),
@@ -544,15 +541,8 @@ impl RedisQueue {
     /// A reader of the inbox with a connection of its own (a blocking read
     /// holds it).
     pub async fn inbox_reader(&self, consumer: &str) -> Result<InboxReader, QueueError> {
-        let config = AsyncConnectionConfig::new()
-            .set_response_timeout(None)
-            .set_connection_timeout(Some(Duration::from_secs(2)));
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
         Ok(InboxReader {
-            conn,
+            conn: self.link.own().await?,
             queue: self.clone(),
             consumer: consumer.to_string(),
         })
@@ -596,7 +586,7 @@ impl RedisQueue {
             .iter()
             .map(|(a, p, j)| (a.as_str(), p.as_str(), j.as_str()))
             .collect();
-        self.admit(refs, &dead, &ids).await
+        self.admit(&mut self.conn(), refs, &dead, &ids).await
     }
 
     pub(super) async fn idempotency_begin(
@@ -607,7 +597,7 @@ impl RedisQueue {
         _ttl: Duration,
     ) -> Result<Idempotency, QueueError> {
         let k = self.keys.idempotency(app, key);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         for _ in 0..3 {
             let claimed: Option<String> = redis::cmd("SET")
                 .arg(&k)
@@ -642,7 +632,7 @@ impl RedisQueue {
             .arg(format!("{fingerprint}\n{answer}"))
             .arg("PX")
             .arg(ttl.as_millis() as u64)
-            .query_async::<()>(&mut self.conn.clone())
+            .query_async::<()>(&mut self.conn())
             .await?;
         Ok(())
     }
@@ -650,7 +640,7 @@ impl RedisQueue {
     pub(super) async fn idempotency_abort(&self, app: &str, key: &str) -> Result<(), QueueError> {
         redis::cmd("DEL")
             .arg(self.keys.idempotency(app, key))
-            .query_async::<()>(&mut self.conn.clone())
+            .query_async::<()>(&mut self.conn())
             .await?;
         Ok(())
     }
@@ -748,25 +738,22 @@ fn parse_taken(reply: Vec<Value>) -> Result<(Taken, Vec<RawLease>), QueueError> 
 /// The doorbell: a pub/sub subscription of its own. A hint only: a lost
 /// message costs an idle worker at most its idle poll.
 pub struct RedisDoorbell {
-    client: Client,
+    link: Arc<Link>,
     channel: String,
     sub: Option<redis::aio::PubSub>,
+    /// Which cluster node to subscribe at next.
+    turn: usize,
 }
 
 impl RedisDoorbell {
     pub(super) async fn rung(&mut self) {
         if self.sub.is_none() {
-            match self.client.get_async_pubsub().await {
-                Ok(mut sub) => match sub.subscribe(&self.channel).await {
-                    Ok(()) => self.sub = Some(sub),
-                    Err(e) => {
-                        crate::metrics::redis_error();
-                        tracing::debug!(error = %e, "cannot subscribe to the doorbell")
-                    }
-                },
+            match self.link.subscribe(&self.channel, self.turn).await {
+                Ok(sub) => self.sub = Some(sub),
                 Err(e) => {
+                    self.turn += 1;
                     crate::metrics::redis_error();
-                    tracing::debug!(error = %e, "cannot connect for the doorbell")
+                    tracing::debug!(error = %e, "cannot subscribe to the doorbell")
                 }
             }
             if self.sub.is_none() {
@@ -779,12 +766,13 @@ impl RedisDoorbell {
             // The connection closed: subscribe again on the next call.
             crate::metrics::redis_reconnect();
             self.sub = None;
+            self.turn += 1;
         }
     }
 }
 
 pub struct InboxReader {
-    conn: MultiplexedConnection,
+    conn: Conn,
     queue: RedisQueue,
     consumer: String,
 }
@@ -837,7 +825,7 @@ impl InboxReader {
             .arg("0-0")
             .arg("COUNT")
             .arg(count.max(1))
-            .query_async(&mut self.queue.conn.clone())
+            .query_async(&mut self.queue.conn())
             .await;
         match reply {
             Ok(r) => Ok(r.claimed.into_iter().map(to_entry).collect()),
