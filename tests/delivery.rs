@@ -963,7 +963,8 @@ async fn a_killed_primary_is_failed_over_and_no_accepted_event_is_lost() {
     let wh = Running::start(&text, Mode::All).await;
 
     // A producer posting one event at a time, recording every answer.
-    let answers: std::sync::Arc<std::sync::Mutex<Vec<(u16, Option<String>)>>> = Default::default();
+    type Answers = std::sync::Mutex<Vec<(u16, Option<String>)>>;
+    let answers: std::sync::Arc<Answers> = Default::default();
     let stop = tokio_util::sync::CancellationToken::new();
     let poster = tokio::spawn({
         let (ingest, answers, stop) = (wh.ingest.clone(), answers.clone(), stop.clone());
@@ -980,7 +981,7 @@ async fn a_killed_primary_is_failed_over_and_no_accepted_event_is_lost() {
             }
         }
     });
-    let accepted = |answers: &std::sync::Mutex<Vec<(u16, Option<String>)>>| -> Vec<String> {
+    let accepted = |answers: &Answers| -> Vec<String> {
         let a = answers.lock().unwrap();
         a.iter()
             .filter(|(s, _)| *s == 202)
@@ -1046,4 +1047,31 @@ async fn a_killed_primary_is_failed_over_and_no_accepted_event_is_lost() {
         rx.arrived("hook")
     );
     wh.shutdown().await;
+}
+
+/// A cluster whose nodes require a password: wasmhook logs in to every node
+/// it reaches and delivers; a wrong password stops `serve` at start, and
+/// the error does not hold it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_with_a_password_delivers_and_a_wrong_one_stops_serve() {
+    let cluster = RedisCluster::start_with(Duration::from_secs(15), Some("cluster-pw-123"));
+    let rx = Receiver::start().await;
+    let with = |password: &str| {
+        config_with(
+            &format!("{}password = \"{password}\"\n", cluster.section()),
+            &prefix("cluster-auth"),
+            "127.0.0.1:0",
+            &app("app-1", &pusher_endpoint(&rx.url("hook"))),
+        )
+    };
+    one_event_arrives(&with("cluster-pw-123"), &rx).await;
+
+    let run = Running::start(&with("wrong-pw-789"), Mode::All).await;
+    let result = tokio::time::timeout(Duration::from_secs(20), run.task)
+        .await
+        .expect("serve stops at start")
+        .unwrap();
+    let error = format!("{:#}", result.unwrap_err());
+    assert!(error.contains("Redis refused the login"), "{error}");
+    assert!(!error.contains("wrong-pw-789"), "{error}");
 }

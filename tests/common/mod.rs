@@ -99,9 +99,13 @@ impl RedisServer {
         while Instant::now() < deadline {
             if let Ok(client) = redis::Client::open(self.url.as_str())
                 && let Ok(mut conn) = client.get_connection()
-                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
             {
-                return true;
+                match redis::cmd("PING").query::<String>(&mut conn) {
+                    Ok(_) => return true,
+                    // Up, and asking for a password.
+                    Err(e) if e.code() == Some("NOAUTH") => return true,
+                    Err(_) => {}
+                }
             }
             if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
                 break; // port taken meanwhile
@@ -168,33 +172,46 @@ fn rand_u16() -> u16 {
 /// with `redis-cli --cluster create`, torn down on drop.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
+    /// The `default` user's password on every node, if any.
+    password: Option<String>,
 }
 
 impl RedisCluster {
     /// `node_timeout`: how long a silent primary takes to be failed over.
     pub fn start(node_timeout: Duration) -> RedisCluster {
+        RedisCluster::start_with(node_timeout, None)
+    }
+
+    /// As [`Self::start`]; with `password`, every node requires it
+    /// (`requirepass`, and `masterauth` for its replica).
+    pub fn start_with(node_timeout: Duration, password: Option<&str>) -> RedisCluster {
         let timeout = node_timeout.as_millis().to_string();
         let mut nodes = Vec::new();
         while nodes.len() < 6 {
             let port = free_cluster_port();
-            let node = RedisServer::spawn(
-                port,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-node-timeout",
-                    &timeout,
-                    "--cluster-config-file",
-                    &format!("nodes-{port}.conf"),
-                    "--repl-diskless-sync",
-                    "yes",
-                    "--repl-diskless-sync-delay",
-                    "0",
-                ],
-            );
-            nodes.extend(node);
+            let config_file = format!("nodes-{port}.conf");
+            let mut args = vec![
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                &timeout,
+                "--cluster-config-file",
+                &config_file,
+                "--repl-diskless-sync",
+                "yes",
+                "--repl-diskless-sync-delay",
+                "0",
+            ];
+            if let Some(pw) = password {
+                args.extend(["--requirepass", pw, "--masterauth", pw]);
+            }
+            nodes.extend(RedisServer::spawn(port, &args));
         }
-        let out = std::process::Command::new("redis-cli")
+        let mut create = std::process::Command::new("redis-cli");
+        if let Some(pw) = password {
+            create.env("REDISCLI_AUTH", pw);
+        }
+        let out = create
             .args(["--cluster", "create"])
             .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
             .args(["--cluster-replicas", "1", "--cluster-yes"])
@@ -205,9 +222,20 @@ impl RedisCluster {
             "redis-cli --cluster create: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        let cluster = RedisCluster { nodes };
+        let cluster = RedisCluster {
+            nodes,
+            password: password.map(String::from),
+        };
         cluster.wait_until_ok(Duration::from_secs(30));
         cluster
+    }
+
+    /// A node's URL with the password, for the harness's own commands.
+    fn admin_url(&self, node: &RedisServer) -> String {
+        match &self.password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", node.port),
+            None => node.url.clone(),
+        }
     }
 
     /// Every running node says `cluster_state:ok`, sees 3 primaries, and
@@ -217,7 +245,7 @@ impl RedisCluster {
         loop {
             let ok = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
                 let Ok(mut conn) =
-                    redis::Client::open(n.url.as_str()).and_then(|c| c.get_connection())
+                    redis::Client::open(self.admin_url(n)).and_then(|c| c.get_connection())
                 else {
                     return false;
                 };
@@ -258,7 +286,7 @@ impl RedisCluster {
         redis::cluster::ClusterClient::new(
             self.nodes
                 .iter()
-                .map(|n| n.url.as_str())
+                .map(|n| self.admin_url(n))
                 .collect::<Vec<_>>(),
         )
         .unwrap()

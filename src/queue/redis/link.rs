@@ -103,6 +103,8 @@ impl ConnectionLike for Conn {
     }
 }
 
+// One per queue handle: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Clients {
     One(Client),
     Cluster {
@@ -223,6 +225,34 @@ impl Link {
                     .await?,
             )),
         }
+    }
+
+    /// PING on a connection of its own: the server, or the first seed node
+    /// that answers (a node's own error, e.g. a refused login, is the
+    /// answer; a node that cannot be reached passes the turn to the next).
+    pub async fn ping_a_node(&self) -> RedisResult<()> {
+        let nodes = match &self.clients {
+            Clients::One(client) => std::slice::from_ref(client),
+            Clients::Cluster { nodes, .. } => nodes.as_slice(),
+        };
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(Some(CONNECT_TIMEOUT))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT));
+        let mut last = Ok(());
+        for client in nodes {
+            last = async {
+                let mut conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                redis::cmd("PING").query_async::<()>(&mut conn).await
+            }
+            .await;
+            match &last {
+                Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_refusal() => {}
+                _ => return last,
+            }
+        }
+        last
     }
 
     /// A subscription to `channel`. `turn` picks the cluster node to

@@ -96,10 +96,7 @@ impl RedisQueue {
     /// Logs in once: Err only when Redis answers and refuses the
     /// credentials (a Redis that cannot be reached now is retried on use).
     pub async fn check_login(&self) -> Result<(), QueueError> {
-        let login = async {
-            let mut conn = self.link.own().await?;
-            redis::cmd("PING").query_async::<()>(&mut conn).await
-        };
+        let login = self.link.ping_a_node();
         let refused = |why: &str| Err(QueueError::LoginRefused(why.to_string()));
         match tokio::time::timeout(Duration::from_secs(5), login).await {
             Ok(Err(e)) if e.kind() == redis::ErrorKind::AuthenticationFailed => {
