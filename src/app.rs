@@ -133,24 +133,30 @@ impl App {
     }
 }
 
-/// Every app, by id.
+/// Every app, by id and by key (both unique: the config checks).
 #[derive(Debug, Default, Clone)]
 pub struct Apps {
     by_id: HashMap<String, Arc<App>>,
+    by_key: HashMap<String, Arc<App>>,
 }
 
 impl Apps {
     pub fn new(apps: impl IntoIterator<Item = App>) -> Self {
-        Apps {
-            by_id: apps
-                .into_iter()
-                .map(|a| (a.id.clone(), Arc::new(a)))
-                .collect(),
-        }
+        let by_id: HashMap<String, Arc<App>> = apps
+            .into_iter()
+            .map(|a| (a.id.clone(), Arc::new(a)))
+            .collect();
+        let by_key = by_id.values().map(|a| (a.key.clone(), a.clone())).collect();
+        Apps { by_id, by_key }
     }
 
     pub fn get(&self, id: &str) -> Option<&Arc<App>> {
         self.by_id.get(id)
+    }
+
+    /// The app with this Pusher key.
+    pub fn by_key(&self, key: &str) -> Option<&Arc<App>> {
+        self.by_key.get(key)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<App>> {

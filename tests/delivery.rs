@@ -953,7 +953,7 @@ async fn a_killed_primary_is_failed_over_and_no_accepted_event_is_lost() {
     let p = prefix("failover");
     let text = config_with(
         &format!(
-            "{}wait_replicas = 1\nwait_timeout = \"300ms\"\n",
+            "{}wait_replicas = 1\nwait_timeout = \"1s\"\n",
             cluster.section()
         ),
         &p,

@@ -425,6 +425,7 @@ const KEYS: &[(&str, Keys)] = &[
             ("max_batch", INT),
             ("idempotency_ttl", DURATION),
             ("echo", BOOL),
+            ("pusher_max_age", DURATION),
         ],
     ),
     (

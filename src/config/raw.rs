@@ -190,6 +190,8 @@ pub struct RawServer {
     #[serde(with = "duration")]
     pub idempotency_ttl: Duration,
     pub echo: bool,
+    #[serde(with = "duration")]
+    pub pusher_max_age: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

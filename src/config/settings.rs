@@ -239,6 +239,8 @@ pub struct ServerSettings {
     pub max_batch: usize,
     pub idempotency_ttl: Duration,
     pub echo: bool,
+    /// Pusher webhooks whose `time_ms` is further from now are refused.
+    pub pusher_max_age: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -411,6 +413,9 @@ pub(super) fn build(
         );
     }
 
+    if raw.server.pusher_max_age.is_zero() {
+        c.fail("server.pusher_max_age", "must be more than 0");
+    }
     let listen = raw.server.listen.parse::<SocketAddr>().unwrap_or_else(|_| {
         c.fail(
             "server.listen",
@@ -507,6 +512,7 @@ pub(super) fn build(
 
     let mut apps = Vec::new();
     let mut app_ids = HashSet::new();
+    let mut app_keys = HashSet::new();
     let mut longest_timeout = raw.delivery.timeout;
     for (i, a) in raw.apps.iter().enumerate() {
         let path = format!("apps[{i}]");
@@ -515,6 +521,12 @@ pub(super) fn build(
             c.fail(
                 format!("{path}.id"),
                 "the same id as an earlier app: each app needs its own",
+            );
+        }
+        if !a.key.is_empty() && !app_keys.insert(a.key.clone()) {
+            c.fail(
+                format!("{path}.key"),
+                "the same key as an earlier app: a key names one app (X-Pusher-Key)",
             );
         }
         let app = build_app(&mut c, &path, a, &raw, &retry, &plugins);
@@ -550,6 +562,7 @@ pub(super) fn build(
             max_batch: raw.server.max_batch,
             idempotency_ttl: raw.server.idempotency_ttl,
             echo: raw.server.echo,
+            pusher_max_age: raw.server.pusher_max_age,
         },
         queues: QueueSettings {
             concurrency: raw.queues.concurrency,

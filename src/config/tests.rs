@@ -863,3 +863,16 @@ fn a_cluster_is_named_by_seed_nodes_and_durability_is_bounded() {
     let p = problems("[redis]\nurl = \"redis://a:1\"\nwait_replicas = 101\n");
     assert_problem(&p, "redis.wait_replicas: must be at most 100");
 }
+
+#[test]
+fn a_pusher_key_names_one_app_and_the_replay_window_is_positive() {
+    let second = APP.replace("id = \"app-1\"", "id = \"app-2\"");
+    let p = problems(&format!("{APP}{second}"));
+    assert_problem(&p, "apps[1].key: the same key as an earlier app");
+    let s = load(APP).unwrap();
+    assert_eq!(s.server.pusher_max_age, std::time::Duration::from_secs(300));
+    assert_eq!(s.apps.by_key("app-key").unwrap().id, "app-1");
+    assert!(s.apps.by_key("app-1").is_none());
+    let p = problems(&format!("[server]\npusher_max_age = \"0s\"\n{APP}"));
+    assert_problem(&p, "server.pusher_max_age: must be more than 0");
+}

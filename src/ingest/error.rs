@@ -12,6 +12,13 @@ pub enum IngestError {
     /// Also the answer for an app that does not exist, so app ids cannot be probed.
     #[error("missing or wrong ingest token (Authorization: Bearer <token>)")]
     Unauthorized,
+    /// A Pusher webhook whose key is unknown or whose signature is wrong:
+    /// one answer for both.
+    #[error("missing or wrong X-Pusher-Key / X-Pusher-Signature")]
+    BadSignature,
+    /// A signed Pusher webhook whose `time_ms` is too far from now.
+    #[error("time_ms is more than {0} from now: refused as a possible replay")]
+    Stale(String),
     #[error("another request with this Idempotency-Key is being handled; retry later")]
     Conflict,
     #[error(
@@ -28,7 +35,9 @@ impl IngestError {
     pub fn status(&self) -> StatusCode {
         match self {
             IngestError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            IngestError::Unauthorized => StatusCode::UNAUTHORIZED,
+            IngestError::Unauthorized | IngestError::BadSignature | IngestError::Stale(_) => {
+                StatusCode::UNAUTHORIZED
+            }
             IngestError::Conflict => StatusCode::CONFLICT,
             IngestError::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             IngestError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -39,7 +48,8 @@ impl IngestError {
     pub fn code(&self) -> &'static str {
         match self {
             IngestError::BadRequest(_) => "bad_request",
-            IngestError::Unauthorized => "unauthorized",
+            IngestError::Unauthorized | IngestError::BadSignature => "unauthorized",
+            IngestError::Stale(_) => "stale",
             IngestError::Conflict => "conflict",
             IngestError::IdempotencyMismatch => "idempotency_key_reused",
             IngestError::TooLarge(_) => "payload_too_large",

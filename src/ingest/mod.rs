@@ -5,11 +5,14 @@
 //!   `{"events": [...]}`. `Idempotency-Key` makes a retry of the same request
 //!   enqueue nothing new and get the first answer; the same key with another
 //!   body gets 422. An unknown app gets the same 401 as a wrong token.
+//! - `POST /v1/pusher/webhooks`: what soketi or Pusher Channels send for an
+//!   app's webhook (`pusher`).
 //! - `GET /healthz`: the process is up. `GET /readyz`: the queue answers.
 //! - `POST /v1/echo` (when enabled): a receiver that logs what it gets.
 
 mod echo;
 mod error;
+mod pusher;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +48,7 @@ pub struct Ingest {
 pub fn router(state: Arc<Ingest>) -> Router {
     let mut router = Router::new()
         .route("/v1/apps/{app_id}/events", post(post_events))
+        .route("/v1/pusher/webhooks", post(pusher::receive))
         .route(
             "/healthz",
             get(|| async { axum::Json(json!({"status": "ok"})) }),
@@ -120,22 +124,7 @@ async fn accept(
     if !authorized {
         return Err(IngestError::Unauthorized);
     }
-    let limit = state.server.max_body_bytes;
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        && len > limit
-    {
-        return Err(IngestError::TooLarge(limit));
-    }
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if is_length_limit(&e) {
-            IngestError::TooLarge(limit)
-        } else {
-            IngestError::BadRequest(format!("cannot read the body: {e}"))
-        }
-    })?;
+    let bytes = read_body(state, headers, body).await?;
     let events = parse_events(&bytes, state.server.max_batch)?;
 
     let idempotency_key = match headers.get("idempotency-key") {
@@ -147,17 +136,78 @@ async fn accept(
             Some(key.to_string())
         }
     };
-    let ttl = state.server.idempotency_ttl;
     // A key answers only the request it was first used with: this app, these bytes.
-    let fingerprint = idempotency_key.as_ref().map(|_| {
-        let mut h = Sha256::new();
-        h.update(app_id.as_bytes());
-        h.update([0]);
-        h.update(&bytes);
-        hex::encode(h.finalize())
+    let once = idempotency_key.map(|key| Once {
+        fingerprint: fingerprint(app_id, &bytes),
+        key,
+        ttl: state.server.idempotency_ttl,
     });
-    if let (Some(key), Some(fp)) = (&idempotency_key, &fingerprint) {
-        match timed(state.queue.idempotency_begin(app_id, key, fp, ttl)).await? {
+    let created_ms = now_ms();
+    let jobs: Vec<Job> = events
+        .into_iter()
+        .map(|event| Job::new(app_id, event, created_ms))
+        .collect();
+    store(state, app_id, once, &jobs).await
+}
+
+/// The request body, up to `server.max_body_bytes` (413 past it).
+async fn read_body(
+    state: &Ingest,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<axum::body::Bytes, IngestError> {
+    let limit = state.server.max_body_bytes;
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        && len > limit
+    {
+        return Err(IngestError::TooLarge(limit));
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if is_length_limit(&e) {
+            IngestError::TooLarge(limit)
+        } else {
+            IngestError::BadRequest(format!("cannot read the body: {e}"))
+        }
+    })
+}
+
+/// A request that must be stored once: its key, the fingerprint of what it
+/// carried, and how long the answer is kept.
+struct Once {
+    key: String,
+    fingerprint: String,
+    ttl: Duration,
+}
+
+/// SHA-256 of the app and the body: what an idempotency key answers for.
+fn fingerprint(app_id: &str, bytes: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(app_id.as_bytes());
+    h.update([0]);
+    h.update(bytes);
+    hex::encode(h.finalize())
+}
+
+/// Stores `jobs` and answers 202 with their ids, once the queue has them.
+/// With `once`, a request seen before gets its first answer and stores
+/// nothing.
+async fn store(
+    state: &Ingest,
+    app_id: &str,
+    once: Option<Once>,
+    jobs: &[Job],
+) -> Result<Response, IngestError> {
+    if let Some(o) = &once {
+        match timed(
+            state
+                .queue
+                .idempotency_begin(app_id, &o.key, &o.fingerprint, o.ttl),
+        )
+        .await?
+        {
             Idempotency::New => {}
             Idempotency::InProgress => return Err(IngestError::Conflict),
             Idempotency::Mismatch => return Err(IngestError::IdempotencyMismatch),
@@ -176,28 +226,23 @@ async fn accept(
             }
         }
     }
-
-    let created_ms = now_ms();
-    let jobs: Vec<Job> = events
-        .into_iter()
-        .map(|event| Job::new(app_id, event, created_ms))
-        .collect();
-    if let Err(e) = timed(state.queue.enqueue(app_id, &jobs)).await {
-        if let Some(key) = &idempotency_key {
+    if let Err(e) = timed(state.queue.enqueue(app_id, jobs)).await {
+        if let Some(o) = &once {
             // Best effort: if this fails too, the claim expires on its own.
-            let _ = timed(state.queue.idempotency_abort(app_id, key)).await;
+            let _ = timed(state.queue.idempotency_abort(app_id, &o.key)).await;
         }
         return Err(e);
     }
     let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
     let answer = json!({ "ids": ids }).to_string();
-    if let (Some(key), Some(fp)) = (&idempotency_key, &fingerprint)
-        && let Err(e) = timed(
-            state
-                .queue
-                .idempotency_finish(app_id, key, fp, &answer, ttl),
-        )
-        .await
+    if let Some(o) = &once
+        && let Err(e) =
+            timed(
+                state
+                    .queue
+                    .idempotency_finish(app_id, &o.key, &o.fingerprint, &answer, o.ttl),
+            )
+            .await
     {
         // The events are stored: answer 202; a retry with this key within the
         // claim window gets 409, after it the events are enqueued again.
