@@ -296,7 +296,7 @@ fn config_text(topology: &Topology, prefix: &str, sink: u16, args: &Args) -> Str
     let mut apps = String::new();
     for a in 0..args.apps {
         apps.push_str(&format!(
-            "\n[[apps]]\nid = \"app-{a}\"\nkey = \"key-{a}\"\nsecret = \"secret-{a}\"\n\n[[apps.webhooks]]\nurl = \"http://127.0.0.1:{sink}/hook\"\n"
+            "\n[[apps]]\nid = \"app-{a}\"\nkey = \"key-{a}\"\nsecret = \"secret-{a}\"\ningest_token = \"token-{a}\"\n\n[[apps.webhooks]]\nurl = \"http://127.0.0.1:{sink}/hook\"\n"
         ));
     }
     format!(
@@ -340,7 +340,7 @@ async fn run_once(
     let text = config_text(topology, &prefix, sink, args);
     let file = dir.join(format!("{prefix}.toml"));
     std::fs::write(&file, &text)?;
-    let settings = wasmhook::config::load_from(Some(file.clone()), None, allow_loopback())?;
+    let settings = wasmhook::config::load_from(Some(file.clone()), Some(&text), allow_loopback())?;
     let queue = wasmhook::service::open_queue(&settings)?;
 
     // The backlog, app by app in batches.
@@ -387,6 +387,11 @@ async fn run_once(
     while count.load(Ordering::Relaxed) == 0 {
         if Instant::now() > deadline {
             bail!("no delivery within 60 s");
+        }
+        for c in &mut children {
+            if let Ok(Some(status)) = c.try_wait() {
+                bail!("a worker exited before delivering: {status}");
+            }
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
