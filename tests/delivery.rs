@@ -1075,3 +1075,22 @@ async fn a_cluster_with_a_password_delivers_and_a_wrong_one_stops_serve() {
     assert!(error.contains("Redis refused the login"), "{error}");
     assert!(!error.contains("wrong-pw-789"), "{error}");
 }
+
+/// A cluster that speaks only TLS to its clients: seed nodes by rediss://
+/// URL, the CA from `redis.ca_file`, every node it is redirected to checked
+/// against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_delivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let [ca, cert, key] = tls_certificates(dir.path(), "cluster");
+    let cluster = RedisCluster::start_tls([&ca, &cert, &key]);
+    let rx = Receiver::start().await;
+    let text = config_with(
+        &cluster.section(),
+        &prefix("cluster-tls"),
+        "127.0.0.1:0",
+        &app("app-1", &pusher_endpoint(&rx.url("hook"))),
+    );
+    assert!(text.contains("rediss://"));
+    one_event_arrives(&text, &rx).await;
+}

@@ -174,6 +174,9 @@ pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
     /// The `default` user's password on every node, if any.
     password: Option<String>,
+    /// With TLS: each node's TLS port (the one the cluster announces) and
+    /// the CA that signed the nodes' certificate.
+    tls: Option<(Vec<u16>, PathBuf)>,
 }
 
 impl RedisCluster {
@@ -185,11 +188,28 @@ impl RedisCluster {
     /// As [`Self::start`]; with `password`, every node requires it
     /// (`requirepass`, and `masterauth` for its replica).
     pub fn start_with(node_timeout: Duration, password: Option<&str>) -> RedisCluster {
+        RedisCluster::launch(node_timeout, password, None)
+    }
+
+    /// A cluster that speaks TLS only to clients and on its bus, with the
+    /// certificate files `[ca, cert, key]` (a plain port stays open for the
+    /// harness's own commands).
+    pub fn start_tls(files: [&std::path::Path; 3]) -> RedisCluster {
+        RedisCluster::launch(Duration::from_secs(15), None, Some(files))
+    }
+
+    fn launch(
+        node_timeout: Duration,
+        password: Option<&str>,
+        tls: Option<[&std::path::Path; 3]>,
+    ) -> RedisCluster {
         let timeout = node_timeout.as_millis().to_string();
         let mut nodes = Vec::new();
+        let mut tls_ports = Vec::new();
         while nodes.len() < 6 {
             let port = free_cluster_port();
             let config_file = format!("nodes-{port}.conf");
+            let (tls_port, bus_port) = (free_port().to_string(), free_port().to_string());
             let mut args = vec![
                 "--cluster-enabled",
                 "yes",
@@ -205,7 +225,31 @@ impl RedisCluster {
             if let Some(pw) = password {
                 args.extend(["--requirepass", pw, "--masterauth", pw]);
             }
-            nodes.extend(RedisServer::spawn(port, &args));
+            let files = tls.map(|f| f.map(|p| p.to_str().unwrap().to_string()));
+            if let Some([ca, cert, key]) = &files {
+                args.extend([
+                    "--tls-port",
+                    &tls_port,
+                    "--cluster-port",
+                    &bus_port,
+                    "--tls-cluster",
+                    "yes",
+                    "--tls-replication",
+                    "yes",
+                    "--tls-auth-clients",
+                    "no",
+                    "--tls-ca-cert-file",
+                    ca,
+                    "--tls-cert-file",
+                    cert,
+                    "--tls-key-file",
+                    key,
+                ]);
+            }
+            if let Some(node) = RedisServer::spawn(port, &args) {
+                nodes.push(node);
+                tls_ports.push(tls_port.parse().unwrap());
+            }
         }
         let mut create = std::process::Command::new("redis-cli");
         if let Some(pw) = password {
@@ -225,6 +269,7 @@ impl RedisCluster {
         let cluster = RedisCluster {
             nodes,
             password: password.map(String::from),
+            tls: tls.map(|[ca, _, _]| (tls_ports, ca.to_path_buf())),
         };
         cluster.wait_until_ok(Duration::from_secs(30));
         cluster
@@ -271,13 +316,23 @@ impl RedisCluster {
 
     /// The `[redis]` lines that point wasmhook at this cluster.
     pub fn section(&self) -> String {
-        let seeds: Vec<String> = self.nodes[1..]
-            .iter()
-            .map(|n| format!("\"{}\"", n.url))
-            .collect();
+        let (urls, ca): (Vec<String>, String) = match &self.tls {
+            Some((ports, ca)) => (
+                ports
+                    .iter()
+                    .map(|p| format!("rediss://127.0.0.1:{p}"))
+                    .collect(),
+                format!("ca_file = \"{}\"\n", ca.display()),
+            ),
+            None => (
+                self.nodes.iter().map(|n| n.url.clone()).collect(),
+                String::new(),
+            ),
+        };
+        let seeds: Vec<String> = urls[1..].iter().map(|u| format!("\"{u}\"")).collect();
         format!(
-            "url = \"{}\"\ncluster = true\nurls = [{}]\n",
-            self.nodes[0].url,
+            "url = \"{}\"\ncluster = true\nurls = [{}]\n{ca}",
+            urls[0],
             seeds.join(", ")
         )
     }
