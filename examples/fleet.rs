@@ -11,9 +11,12 @@
 //! workers start and the run is timed from the first delivery to the last.
 //! Over the same span it reads the CPU time of every redis-server (`INFO
 //! cpu`) and of every worker (/proc/<pid>/stat), and reports, per delivery:
-//! the CPU of the Redis primary that holds the queue, of all Redis nodes,
-//! and of the workers. From those: how many workers one Redis primary core
-//! can feed = worker CPU per delivery / primary CPU per delivery.
+//! the CPU of the busiest Redis node (the primary that holds the queue, or
+//! with `redis.shards` the one that holds most of its shards), of all Redis
+//! nodes, and of the workers. From those: how many workers one Redis
+//! primary core can feed = worker CPU per delivery / busiest node's CPU per
+//! delivery. Variants: standalone, cluster (one shard), and cluster with
+//! `--shards` shards.
 //!
 //! Variants run in interleaved rounds (standalone 1, cluster 1, standalone
 //! 2, ...) so that the box's noise falls on all of them alike. On a small
@@ -59,6 +62,9 @@ struct Args {
     /// Jobs each worker runs at once (`queues.concurrency`).
     #[arg(long, default_value_t = 128)]
     concurrency: usize,
+    /// `redis.shards` of the sharded cluster variant.
+    #[arg(long, default_value_t = 3)]
+    shards: usize,
 }
 
 /// A redis-server of this run, killed on drop.
@@ -128,13 +134,6 @@ impl Node {
                     .then(|| v.trim().parse::<f64>().ok())?
             })
             .sum()
-    }
-
-    fn is_primary(&self) -> bool {
-        let info: String = self
-            .cmd(redis::cmd("INFO").arg("replication"))
-            .unwrap_or_default();
-        info.contains("role:master")
     }
 }
 
@@ -222,44 +221,20 @@ impl Topology {
         })
     }
 
-    fn redis_section(&self) -> String {
+    fn redis_section(&self, shards: usize) -> String {
         let urls: Vec<String> = self.nodes[1..]
             .iter()
             .map(|n| format!("\"{}\"", n.url()))
             .collect();
         if self.cluster {
             format!(
-                "url = \"{}\"\ncluster = true\nurls = [{}]\n",
+                "url = \"{}\"\ncluster = true\nurls = [{}]\nshards = {shards}\n",
                 self.nodes[0].url(),
                 urls.join(", ")
             )
         } else {
             format!("url = \"{}\"\n", self.nodes[0].url())
         }
-    }
-
-    /// The node that holds `key`'s slot as primary (the only node when
-    /// standalone).
-    fn primary_of(&self, key: &str) -> anyhow::Result<usize> {
-        if !self.cluster {
-            return Ok(0);
-        }
-        let slot: i64 = self.nodes[0].cmd(redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))?;
-        for (i, n) in self.nodes.iter().enumerate() {
-            if !n.is_primary() {
-                continue;
-            }
-            let shards: String = n.cmd(redis::cmd("CLUSTER").arg("NODES"))?;
-            let mine = shards.lines().find(|l| l.contains("myself")).unwrap_or("");
-            let holds = mine.split_whitespace().skip(8).any(|range| {
-                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
-                matches!((lo.parse::<i64>(), hi.parse::<i64>()), (Ok(lo), Ok(hi)) if lo <= slot && slot <= hi)
-            });
-            if holds {
-                return Ok(i);
-            }
-        }
-        bail!("no primary holds slot {slot}")
     }
 }
 
@@ -292,7 +267,7 @@ fn start_sink() -> anyhow::Result<(u16, Arc<AtomicU64>)> {
     Ok((port, count))
 }
 
-fn config_text(topology: &Topology, prefix: &str, sink: u16, args: &Args) -> String {
+fn config_text(v: &Variant, prefix: &str, sink: u16, args: &Args) -> String {
     let mut apps = String::new();
     for a in 0..args.apps {
         apps.push_str(&format!(
@@ -301,7 +276,7 @@ fn config_text(topology: &Topology, prefix: &str, sink: u16, args: &Args) -> Str
     }
     format!(
         "[redis]\n{}prefix = \"{prefix}\"\n\n[queues]\nconcurrency = {}\napp_max_in_flight = {}\n\n[delivery]\nmax_in_flight = {}\n\n[metrics]\nenabled = false\n\n[log]\nlevel = \"warn\"\n{apps}",
-        topology.redis_section(),
+        v.topology.redis_section(v.shards),
         args.concurrency,
         args.concurrency,
         args.concurrency,
@@ -322,6 +297,13 @@ fn process_cpu(pid: u32) -> f64 {
     ticks / 100.0
 }
 
+/// A topology and the number of shards the queue is spread over.
+struct Variant<'a> {
+    name: String,
+    topology: &'a Topology,
+    shards: usize,
+}
+
 struct RunResult {
     per_s: f64,
     primary_us: f64,
@@ -330,14 +312,15 @@ struct RunResult {
 }
 
 async fn run_once(
-    topology: &Topology,
+    v: &Variant<'_>,
     workers: usize,
     args: &Args,
     dir: &Path,
 ) -> anyhow::Result<RunResult> {
     let (sink, count) = start_sink()?;
+    let topology = v.topology;
     let prefix = format!("fleet-{}-{}", topology.name, now_ms());
-    let text = config_text(topology, &prefix, sink, args);
+    let text = config_text(v, &prefix, sink, args);
     let file = dir.join(format!("{prefix}.toml"));
     std::fs::write(&file, &text)?;
     let settings = wasmhook::config::load_from(Some(file.clone()), Some(&text), allow_loopback())?;
@@ -365,7 +348,6 @@ async fn run_once(
             left -= n;
         }
     }
-    let primary = topology.primary_of(&format!("{prefix}:{{0}}:ready"))?;
 
     let mut children = Vec::new();
     for _ in 0..workers {
@@ -416,7 +398,9 @@ async fn run_once(
     let used: Vec<f64> = redis1.iter().zip(&redis0).map(|(b, a)| b - a).collect();
     Ok(RunResult {
         per_s: delivered / elapsed,
-        primary_us: used[primary] * 1e6 / delivered,
+        // The busiest node: the primary of the queue's slot, or with shards
+        // the primary that carries most of them.
+        primary_us: used.iter().cloned().fold(0.0, f64::max) * 1e6 / delivered,
         redis_us: used.iter().sum::<f64>() * 1e6 / delivered,
         worker_us: (workers1 - workers0) * 1e6 / delivered,
     })
@@ -461,20 +445,37 @@ async fn main() -> anyhow::Result<()> {
         "redis",
         "workers",
         "deliveries/s",
-        "primary µs/deliv",
+        "busiest µs/deliv",
         "all redis µs/deliv",
         "workers µs/deliv"
     );
-    let mut results: Vec<(&str, usize, RunResult)> = Vec::new();
+    let variants = [
+        Variant {
+            name: "standalone".into(),
+            topology: &standalone,
+            shards: 1,
+        },
+        Variant {
+            name: "cluster".into(),
+            topology: &cluster,
+            shards: 1,
+        },
+        Variant {
+            name: format!("cluster/{}", args.shards),
+            topology: &cluster,
+            shards: args.shards,
+        },
+    ];
+    let mut results: Vec<(String, usize, RunResult)> = Vec::new();
     for round in 1..=args.rounds {
         for &w in &args.workers {
-            for topology in [&standalone, &cluster] {
-                let r = run_once(topology, w, &args, dir.path()).await?;
+            for v in &variants {
+                let r = run_once(v, w, &args, dir.path()).await?;
                 println!(
                     "{round:>5} {:>11} {w:>7} {:>12.0} {:>16.1} {:>17.1} {:>16.1}",
-                    topology.name, r.per_s, r.primary_us, r.redis_us, r.worker_us
+                    v.name, r.per_s, r.primary_us, r.redis_us, r.worker_us
                 );
-                results.push((topology.name, w, r));
+                results.push((v.name.clone(), w, r));
             }
         }
     }
@@ -484,16 +485,16 @@ async fn main() -> anyhow::Result<()> {
         "redis",
         "workers",
         "deliveries/s",
-        "primary µs/deliv",
+        "busiest µs/deliv",
         "all redis µs/deliv",
         "workers µs/deliv",
         "workers per primary"
     );
     for &w in &args.workers {
-        for name in ["standalone", "cluster"] {
+        for name in variants.iter().map(|v| v.name.as_str()) {
             let runs: Vec<&RunResult> = results
                 .iter()
-                .filter(|(n, k, _)| *n == name && *k == w)
+                .filter(|(n, k, _)| n == name && *k == w)
                 .map(|(_, _, r)| r)
                 .collect();
             let m = |f: fn(&RunResult) -> f64| median(runs.iter().map(|r| f(r)).collect());

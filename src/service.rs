@@ -69,6 +69,12 @@ pub async fn serve_with_reload(
     if let Err(e) = queue.check_login().await {
         anyhow::bail!("{e}");
     }
+    // A queue made with another number of shards would strand its apps' jobs.
+    match queue.check_layout().await {
+        Err(e @ crate::queue::QueueError::Layout { .. }) => anyhow::bail!("{e}"),
+        Err(e) => warn!(error = %e, "could not check the queue's number of shards now"),
+        Ok(()) => {}
+    }
     if !queue.is_durable() {
         if mode != Mode::All {
             anyhow::bail!(

@@ -993,12 +993,15 @@ async fn a_killed_primary_is_failed_over_and_no_accepted_event_is_lost() {
     })
     .await;
 
-    let victim = cluster.primary_of(&format!("{p}:{{0}}:ready"));
+    // The primary of the shard that holds app-1's queue.
+    let shard = wasmhook::queue::keys::shard_of("app-1", CLUSTER_SHARDS);
+    let queue_key = format!("{p}:{{{shard}}}:ready");
+    let victim = cluster.primary_of(&queue_key);
     cluster.nodes[victim].stop();
     let killed_at = answers.lock().unwrap().len();
     // The replica is promoted (the node timeout is 2 s).
     tokio::task::block_in_place(|| cluster.wait_until_ok(Duration::from_secs(30)));
-    let promoted = cluster.primary_of(&format!("{p}:{{0}}:ready"));
+    let promoted = cluster.primary_of(&queue_key);
     assert_ne!(promoted, victim);
     // The new primary has no replica yet: nothing can be stored as asked.
     eventually("a 503 while the slot cannot store", WAIT, async || {
@@ -1093,4 +1096,112 @@ async fn a_tls_cluster_delivers() {
     );
     assert!(text.contains("rediss://"));
     one_event_arrives(&text, &rx).await;
+}
+
+/// With `redis.shards = 3` on a cluster, apps spread over the shards (and
+/// over more than one primary), every event of every app is delivered
+/// exactly once, dead letters of all shards are listed together and one
+/// from another shard than 0 replays; a process configured with another
+/// number of shards refuses to start on that queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharded_queue_spreads_apps_over_primaries_and_loses_nothing() {
+    use wasmhook::queue::keys::shard_of;
+    let cluster = RedisCluster::start(Duration::from_secs(15));
+    let rx = Receiver::start().await;
+    let p = prefix("sharded");
+    let ids: Vec<String> = (0..30).map(|i| format!("app-{i}")).collect();
+    // Two apps in different shards, the second not in shard 0, get a second
+    // endpoint that refuses its first request.
+    let a = ids[0].clone();
+    let b = ids
+        .iter()
+        .find(|id| {
+            let s = shard_of(id, CLUSTER_SHARDS);
+            s != 0 && s != shard_of(&a, CLUSTER_SHARDS)
+        })
+        .unwrap()
+        .clone();
+    let mut apps = String::new();
+    for id in &ids {
+        let mut endpoints = pusher_endpoint(&rx.url("hook"));
+        if *id == a || *id == b {
+            rx.script(&format!("strict-{id}"), &[400], 200);
+            endpoints += &pusher_endpoint(&rx.url(&format!("strict-{id}")));
+        }
+        apps += &app(id, &endpoints);
+    }
+    let text = config_with(&cluster.section(), &p, "127.0.0.1:0", &apps);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &text);
+    let wh = Running::start(&text, Mode::All).await;
+    for id in &ids {
+        let events: Vec<serde_json::Value> = (0..20)
+            .map(|i| json!({"name": "client_event", "channel": format!("c-{i}")}))
+            .collect();
+        let (status, body) = post_events(
+            &wh.ingest,
+            id,
+            Some(&format!("{id}-token")),
+            json!({ "events": events }).to_string(),
+        )
+        .await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let got = rx.wait_for("hook", 600, WAIT).await;
+    let mut per_app = std::collections::BTreeMap::<String, usize>::new();
+    for r in &got {
+        *per_app
+            .entry(r.header("x-pusher-key").to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(per_app.len(), 30);
+    assert!(per_app.values().all(|n| *n == 20), "{per_app:?}");
+
+    // Spread: shards in use, on more than one primary.
+    let shards: std::collections::BTreeSet<usize> =
+        ids.iter().map(|id| shard_of(id, CLUSTER_SHARDS)).collect();
+    assert_eq!(shards.len(), CLUSTER_SHARDS);
+    let primaries: std::collections::BTreeSet<usize> = shards
+        .iter()
+        .map(|s| cluster.primary_of(&format!("{p}:{{{s}}}:ready")))
+        .collect();
+    assert!(primaries.len() >= 2, "one primary holds every shard");
+
+    // Dead letters of two shards, listed together; the one outside shard 0
+    // replays by its id.
+    let q = queue(&text);
+    let letters = dead_letters(&q, 2).await;
+    assert_eq!(letters.len(), 2, "the first event of each strict endpoint");
+    let of_b = letters
+        .iter()
+        .find(|(_, l)| l.job.as_ref().is_some_and(|j| j.app_id == b))
+        .unwrap();
+    assert!(
+        of_b.0
+            .starts_with(&format!("{}:", shard_of(&b, CLUSTER_SHARDS))),
+        "{}",
+        of_b.0
+    );
+    let (ok, out, err) = run_cli(&path, &["dlq", "replay", &of_b.0]).await;
+    assert!(ok, "{out}{err}");
+    rx.wait_for(&format!("strict-{b}"), 21, WAIT).await;
+    let stats = eventually("the replay recorded", WAIT, async || {
+        let s = q.stats().await.unwrap();
+        (s.get("delivered") == Some(&639)).then_some(s)
+    })
+    .await;
+    // 600 + 19 + 19 + the replayed one delivered, summed over the shards.
+    assert_eq!(stats["dead"], 2);
+    assert_eq!(q.dead_letters(100).await.unwrap().len(), 1);
+    wh.shutdown().await;
+
+    // Another number of shards on the same queue: refused at start.
+    let other = text.replace(&format!("shards = {CLUSTER_SHARDS}"), "shards = 2");
+    let run = Running::start(&other, Mode::All).await;
+    let result = tokio::time::timeout(Duration::from_secs(20), run.task)
+        .await
+        .expect("serve stops at start")
+        .unwrap();
+    let error = format!("{:#}", result.unwrap_err());
+    assert!(error.contains("made with 3 shards"), "{error}");
 }

@@ -166,6 +166,8 @@ pub struct RawRedis {
     pub wait_replicas: u32,
     #[serde(with = "duration")]
     pub wait_timeout: Duration,
+    /// Hash slots (shards) the queue is spread over.
+    pub shards: u32,
     pub prefix: String,
     /// ACL user; "" = the URL's, or none.
     pub username: String,

@@ -109,6 +109,9 @@ fn redis_auth(
     }
 }
 
+/// Most shards a queue may be spread over (each costs a take call per idle
+/// poll and a pipeline per metrics scrape).
+const MAX_SHARDS: u32 = 1024;
 /// Longest `redis.wait_timeout`: the ingest waits 5 s for the queue in all.
 const MAX_WAIT: Duration = Duration::from_secs(3);
 
@@ -170,6 +173,9 @@ fn redis_topology(c: &mut Check, raw: &super::raw::RawRedis) {
             );
         }
     }
+    if raw.shards == 0 || raw.shards > MAX_SHARDS {
+        c.fail("redis.shards", format!("must be 1 to {MAX_SHARDS}"));
+    }
     if raw.wait_replicas > 0 {
         if raw.url.is_none() {
             c.fail(
@@ -213,6 +219,7 @@ pub struct Settings {
     /// wait for them.
     pub redis_wait_replicas: u32,
     pub redis_wait_timeout: Duration,
+    pub redis_shards: u32,
     /// Credentials that win over the URL's, and the TLS trust.
     pub redis_auth: RedisAuth,
     pub keys: Keys,
@@ -311,6 +318,7 @@ impl Settings {
             ca: self.redis_auth.ca.clone(),
             wait_replicas: self.redis_wait_replicas,
             wait_timeout: self.redis_wait_timeout,
+            shards: self.redis_shards,
         }))
     }
 
@@ -554,6 +562,7 @@ pub(super) fn build(
         redis_urls: raw.redis.urls,
         redis_wait_replicas: raw.redis.wait_replicas,
         redis_wait_timeout: raw.redis.wait_timeout,
+        redis_shards: raw.redis.shards,
         redis_auth,
         keys: Keys::new(raw.redis.prefix),
         server: ServerSettings {

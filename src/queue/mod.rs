@@ -55,6 +55,10 @@ pub enum QueueError {
         "Redis refused the login ({0}): check redis.username and the password (redis.url, redis.password or redis.password_file)"
     )]
     LoginRefused(String),
+    #[error(
+        "redis.shards is {configured}, but the queue in Redis was made with {stored} shards: drain it (or use a new redis.prefix) before changing the number"
+    )]
+    Layout { configured: usize, stored: usize },
     #[error("only {acked} of {wanted} Redis replicas confirmed the write within {within:?}")]
     NotReplicated {
         wanted: u32,
@@ -330,6 +334,14 @@ impl Queue {
         }
     }
 
+    /// Err when the queue in Redis was made with another number of shards.
+    pub async fn check_layout(&self) -> Result<(), QueueError> {
+        match self {
+            Queue::Redis(q) => q.check_layout().await,
+            Queue::Memory(_) => Ok(()),
+        }
+    }
+
     /// Adds one app's jobs to its partitions (`job.endpoint`'s, or new
     /// events); returns when they are stored.
     pub async fn enqueue(&self, app: &str, jobs: &[Job]) -> Result<(), QueueError> {
@@ -376,7 +388,8 @@ impl Queue {
     }
 
     pub async fn dead_letter(&self, id: &str) -> Result<DeadLetter, QueueError> {
-        if !entry::is_stream_id(id) {
+        // `<shard>:<stream id>` when the queue has several shards.
+        if !entry::is_stream_id(id.split_once(':').map_or(id, |(_, rest)| rest)) {
             return Err(QueueError::BadDeadLetterId(id.into()));
         }
         dispatch!(self, q => q.dead_letter(id).await)?

@@ -168,6 +168,9 @@ fn rand_u16() -> u16 {
     h.finish() as u16
 }
 
+/// The queue's shards on a test cluster: spread over more than one primary.
+pub const CLUSTER_SHARDS: usize = 3;
+
 /// A private Redis Cluster: 3 primaries and 3 replicas on 127.0.0.1, joined
 /// with `redis-cli --cluster create`, torn down on drop.
 pub struct RedisCluster {
@@ -331,7 +334,7 @@ impl RedisCluster {
         };
         let seeds: Vec<String> = urls[1..].iter().map(|u| format!("\"{u}\"")).collect();
         format!(
-            "url = \"{}\"\ncluster = true\nurls = [{}]\n{ca}",
+            "url = \"{}\"\ncluster = true\nurls = [{}]\nshards = {CLUSTER_SHARDS}\n{ca}",
             urls[0],
             seeds.join(", ")
         )

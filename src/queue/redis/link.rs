@@ -46,6 +46,8 @@ pub struct RedisTarget {
     /// (WAIT); 0: once the primary has them.
     pub wait_replicas: u32,
     pub wait_timeout: Duration,
+    /// Hash slots the queue is spread over (`redis.shards`).
+    pub shards: u32,
 }
 
 impl RedisTarget {
@@ -57,6 +59,7 @@ impl RedisTarget {
             ca: None,
             wait_replicas: 0,
             wait_timeout: Duration::from_secs(1),
+            shards: 1,
         })
     }
 }

@@ -13,6 +13,7 @@ mod link;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -23,6 +24,7 @@ pub use self::link::RedisTarget;
 use self::link::{Conn, Link};
 
 use super::entry::{self, DEAD_FIELD, DeadLetter, Entry, JOB_FIELD};
+use super::keys::shard_of;
 use super::{
     Completion, Depth, Effect, EndpointStatus, GROUP, IDEMPOTENCY_CLAIM, Idempotency, Keys, Leased,
     QueueError, QueueOptions, StateChange, TakeRequest, Taken, Tenancy,
@@ -64,7 +66,12 @@ impl Scripts {
 #[derive(Clone)]
 pub struct RedisQueue {
     link: Arc<Link>,
+    /// Shard 0's: also the inbox, the doorbell and idempotency keys.
     keys: Keys,
+    /// Every shard's, by number.
+    shards: Arc<Vec<Keys>>,
+    /// The shard the next take starts at.
+    next_shard: Arc<AtomicUsize>,
     options: Arc<QueueOptions>,
     scripts: Arc<Scripts>,
 }
@@ -77,9 +84,14 @@ impl RedisQueue {
         keys: Keys,
         options: QueueOptions,
     ) -> Result<Self, QueueError> {
+        let shards = (0..target.shards.max(1) as usize)
+            .map(|n| keys.shard(n))
+            .collect();
         Ok(RedisQueue {
             link: Arc::new(Link::open(target)?),
             keys,
+            shards: Arc::new(shards),
+            next_shard: Arc::new(AtomicUsize::new(0)),
             options: Arc::new(options),
             scripts: Arc::new(Scripts::new()),
         })
@@ -87,6 +99,35 @@ impl RedisQueue {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// The keys of the shard that holds `app`.
+    fn keys_of(&self, app: &str) -> &Keys {
+        &self.shards[shard_of(app, self.shards.len())]
+    }
+
+    /// Refuses a queue made with another number of shards: its apps' jobs
+    /// would be looked for in the wrong place. The first process records it.
+    pub async fn check_layout(&self) -> Result<(), QueueError> {
+        let n = self.shards.len();
+        let mut conn = self.conn();
+        let _: () = redis::cmd("SET")
+            .arg(self.keys.layout())
+            .arg(n)
+            .arg("NX")
+            .query_async(&mut conn)
+            .await?;
+        let stored: Option<usize> = redis::cmd("GET")
+            .arg(self.keys.layout())
+            .query_async(&mut conn)
+            .await?;
+        match stored {
+            Some(m) if m != n => Err(QueueError::Layout {
+                configured: n,
+                stored: m,
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn conn(&self) -> Conn {
@@ -115,11 +156,12 @@ impl RedisQueue {
         }
     }
 
-    fn invoke<'a>(&'a self, script: &'a Script) -> redis::ScriptInvocation<'a> {
+    fn invoke<'a>(&'a self, script: &'a Script, keys: &Keys) -> redis::ScriptInvocation<'a> {
         let mut inv = script.prepare_invoke();
-        // The one key names the slot; the scripts build the others from the prefix.
-        inv.key(self.keys.key("ready"))
-            .arg(self.keys.base())
+        // The one key names the shard's slot; the scripts build the others
+        // from its prefix.
+        inv.key(keys.key("ready"))
+            .arg(keys.base())
             .arg(self.keys.doorbell());
         inv
     }
@@ -132,23 +174,26 @@ impl RedisQueue {
         // Accepted events are acknowledged to their producer: stored on as
         // many replicas as the config asks before that.
         let jobs = app_jobs(app, &encoded);
+        let keys = self.keys_of(app);
         self.link
-            .durable_write(&self.keys.key("ready"), async |conn| {
-                self.admit(conn, jobs, &[], &[]).await
+            .durable_write(&keys.key("ready"), async |conn| {
+                self.admit(conn, keys, jobs, &[], &[]).await
             })
             .await
     }
 
     /// Queues jobs `(app, partition, json)`, dead-letters letters, and acks
-    /// inbox entries, in one step.
+    /// inbox entries, in one step, in the shard of `keys` (inbox entries:
+    /// shard 0's only).
     async fn admit(
         &self,
         conn: &mut Conn,
+        keys: &Keys,
         jobs: Vec<(&str, &str, &str)>,
         dead: &[String],
         inbox_ids: &[String],
     ) -> Result<(), QueueError> {
-        let mut inv = self.invoke(&self.scripts.admit);
+        let mut inv = self.invoke(&self.scripts.admit, keys);
         inv.arg(if inbox_ids.is_empty() {
             String::new()
         } else {
@@ -171,7 +216,14 @@ impl RedisQueue {
     }
 
     pub(super) async fn configure(&self, t: &Tenancy) -> Result<(), QueueError> {
-        let mut inv = self.invoke(&self.scripts.configure);
+        for keys in self.shards.iter() {
+            self.configure_shard(keys, t).await?;
+        }
+        Ok(())
+    }
+
+    async fn configure_shard(&self, keys: &Keys, t: &Tenancy) -> Result<(), QueueError> {
+        let mut inv = self.invoke(&self.scripts.configure, keys);
         inv.arg(format!(
             "{} {} {} {}",
             t.quantum.max(1),
@@ -194,8 +246,39 @@ impl RedisQueue {
         Ok(())
     }
 
+    /// Takes from the shards in turn, starting one further each call, until
+    /// `r.max` jobs are taken or every shard was asked.
     pub(super) async fn take(&self, r: &TakeRequest) -> Result<Taken, QueueError> {
-        let mut inv = self.invoke(&self.scripts.take);
+        let n = self.shards.len();
+        if n == 1 {
+            return self.take_shard(0, r).await;
+        }
+        let start = self.next_shard.fetch_add(1, Ordering::Relaxed) % n;
+        let mut all = Taken::default();
+        let mut request = r.clone();
+        for i in 0..n {
+            let shard = (start + i) % n;
+            if request.max == 0 {
+                // Work may be left in the shards not asked.
+                all.more = true;
+                break;
+            }
+            let taken = self.take_shard(shard, &request).await?;
+            request.max -= taken.jobs.len().min(request.max);
+            all.jobs.extend(taken.jobs);
+            all.busy.extend(taken.busy);
+            all.more |= taken.more;
+            all.next_due = match (all.next_due, taken.next_due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Ok(all)
+    }
+
+    async fn take_shard(&self, shard: usize, r: &TakeRequest) -> Result<Taken, QueueError> {
+        let keys = &self.shards[shard];
+        let mut inv = self.invoke(&self.scripts.take, keys);
         inv.arg(r.max)
             .arg(self.options.lease.as_millis() as u64)
             .arg(r.app_room.len());
@@ -211,14 +294,14 @@ impl RedisQueue {
             inv.arg(app).arg(room);
         }
         let reply: Vec<Value> = inv.invoke_async(&mut self.conn()).await?;
-        let (mut taken, leases) = parse_taken(reply)?;
+        let (mut taken, leases) = parse_taken(reply, shard)?;
         if leases.is_empty() {
             return Ok(taken);
         }
         // The jobs themselves, read outside the script: they never pass
         // through Lua on the way out.
         let mut cmd = redis::cmd("HMGET");
-        cmd.arg(self.keys.key("jobs"));
+        cmd.arg(keys.key("jobs"));
         for (_, _, job_id, _) in &leases {
             cmd.arg(job_id);
         }
@@ -247,12 +330,35 @@ impl RedisQueue {
         Ok(taken)
     }
 
+    /// Commits each shard's completions (a lease names its shard) with one
+    /// script call per shard.
     pub(super) async fn commit(
         &self,
         completions: &[Completion],
     ) -> Result<Vec<StateChange>, QueueError> {
+        let mut by_shard: BTreeMap<usize, Vec<(&str, &Completion)>> = BTreeMap::new();
+        for c in completions {
+            // A lease that names no shard of ours was never handed out: shard
+            // 0's script records nothing for it (but the breaker signal).
+            let (shard, lease) = split_lease(&c.lease)
+                .filter(|(shard, _)| *shard < self.shards.len())
+                .unwrap_or((0, c.lease.as_str()));
+            by_shard.entry(shard).or_default().push((lease, c));
+        }
+        let mut changes = Vec::new();
+        for (shard, part) in by_shard {
+            changes.extend(self.commit_shard(&self.shards[shard], &part).await?);
+        }
+        Ok(changes)
+    }
+
+    async fn commit_shard(
+        &self,
+        keys: &Keys,
+        completions: &[(&str, &Completion)],
+    ) -> Result<Vec<StateChange>, QueueError> {
         let b = &self.options.breaker;
-        let mut inv = self.invoke(&self.scripts.commit);
+        let mut inv = self.invoke(&self.scripts.commit, keys);
         inv.arg(format!(
             "{} {} {} {} {} {} {}",
             b.failure_rate,
@@ -269,14 +375,14 @@ impl RedisQueue {
         ))
         .arg(self.options.max_hold.as_millis() as u64)
         .arg(completions.len());
-        for c in completions {
-            inv.arg(&c.lease);
+        for (lease, _) in completions {
+            inv.arg(*lease);
         }
         // Successes are counted per endpoint, not per job: a run of them is
         // sent as one signal, before the endpoint's next other signal or at
         // the end.
         let mut successes: BTreeMap<(&str, &str), u64> = BTreeMap::new();
-        for c in completions {
+        for (_, c) in completions {
             let stats: Vec<&str> = c
                 .effects
                 .iter()
@@ -361,26 +467,62 @@ impl RedisQueue {
         })
     }
 
+    /// Dead letters of every shard, oldest first. With more than one shard
+    /// an id names its shard: `<shard>:<stream id>`.
     pub(super) async fn dead_letters(
         &self,
         count: usize,
     ) -> Result<Vec<(String, DeadLetter)>, QueueError> {
-        let reply: StreamRangeReply = redis::cmd("XRANGE")
-            .arg(self.keys.dlq())
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(count.max(1))
-            .query_async(&mut self.conn())
-            .await?;
-        reply.ids.into_iter().map(to_dead_letter).collect()
+        let mut all: Vec<((u64, u64), String, StreamId)> = Vec::new();
+        for (shard, keys) in self.shards.iter().enumerate() {
+            let reply: StreamRangeReply = redis::cmd("XRANGE")
+                .arg(keys.dlq())
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(count.max(1))
+                .query_async(&mut self.conn())
+                .await?;
+            for s in reply.ids {
+                let order = stream_order(&s.id);
+                all.push((order, self.dlq_id(shard, &s.id), s));
+            }
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all.into_iter()
+            .take(count.max(1))
+            .map(|(_, id, s)| to_dead_letter(s).map(|(_, letter)| (id, letter)))
+            .collect()
+    }
+
+    /// A dead letter's id as shown: the stream id, with its shard when
+    /// there is more than one.
+    fn dlq_id(&self, shard: usize, stream_id: &str) -> String {
+        if self.shards.len() == 1 {
+            stream_id.to_string()
+        } else {
+            format!("{shard}:{stream_id}")
+        }
+    }
+
+    /// The shard's keys and the stream id of a dead letter id.
+    fn dlq_shard<'a>(&self, id: &'a str) -> Result<(&Keys, &'a str), QueueError> {
+        let (shard, stream_id) = match id.split_once(':') {
+            Some((shard, rest)) => (shard.parse::<usize>().ok(), rest),
+            None => (Some(0), id),
+        };
+        match shard.and_then(|n| self.shards.get(n)) {
+            Some(keys) => Ok((keys, stream_id)),
+            None => Err(QueueError::NoSuchDeadLetter(id.into())),
+        }
     }
 
     pub(super) async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, QueueError> {
+        let (keys, stream_id) = self.dlq_shard(id)?;
         let reply: StreamRangeReply = redis::cmd("XRANGE")
-            .arg(self.keys.dlq())
-            .arg(id)
-            .arg(id)
+            .arg(keys.dlq())
+            .arg(stream_id)
+            .arg(stream_id)
             .query_async(&mut self.conn())
             .await?;
         reply
@@ -391,9 +533,11 @@ impl RedisQueue {
             .transpose()
     }
 
+    /// Replays in the dead letter's shard (an app's letters are in its own).
     pub(super) async fn replay(&self, id: &str, job: &Job) -> Result<(), QueueError> {
-        let mut inv = self.invoke(&self.scripts.replay);
-        inv.arg(id)
+        let (keys, stream_id) = self.dlq_shard(id)?;
+        let mut inv = self.invoke(&self.scripts.replay, keys);
+        inv.arg(stream_id)
             .arg(&job.app_id)
             .arg(job.endpoint.as_deref().unwrap_or(""))
             .arg(entry::encode(job));
@@ -404,16 +548,41 @@ impl RedisQueue {
         Ok(())
     }
 
+    /// Outcome counters, summed over the shards.
     pub(super) async fn stats(&self) -> Result<BTreeMap<String, u64>, QueueError> {
-        Ok(redis::cmd("HGETALL")
-            .arg(self.keys.key("stats"))
-            .query_async(&mut self.conn())
-            .await?)
+        let mut sum = BTreeMap::new();
+        for keys in self.shards.iter() {
+            let one: BTreeMap<String, u64> = redis::cmd("HGETALL")
+                .arg(keys.key("stats"))
+                .query_async(&mut self.conn())
+                .await?;
+            for (k, v) in one {
+                *sum.entry(k).or_insert(0) += v;
+            }
+        }
+        Ok(sum)
     }
 
+    /// The queue's depth, summed over the shards (the oldest wait: the
+    /// longest of them). One pipeline per shard, whatever the number of apps.
     pub(super) async fn depth(&self) -> Result<Depth, QueueError> {
-        let k = |n: &str| self.keys.key(n);
-        let (ready, in_flight, delayed, held, active_apps, dead, waiting, now): (
+        let mut sum = Depth::default();
+        for keys in self.shards.iter() {
+            let d = self.shard_depth(keys).await?;
+            sum.ready += d.ready;
+            sum.in_flight += d.in_flight;
+            sum.delayed += d.delayed;
+            sum.held += d.held;
+            sum.active_apps += d.active_apps;
+            sum.dead += d.dead;
+            sum.oldest_ready_ms = sum.oldest_ready_ms.max(d.oldest_ready_ms);
+        }
+        Ok(sum)
+    }
+
+    async fn shard_depth(&self, keys: &Keys) -> Result<Depth, QueueError> {
+        let k = |n: &str| keys.key(n);
+        type Reply = (
             Option<i64>,
             Option<i64>,
             u64,
@@ -422,18 +591,20 @@ impl RedisQueue {
             u64,
             Vec<(String, f64)>,
             (u64, u64),
-        ) = redis::pipe()
-            .get(k("count"))
-            .get(k("inflight"))
-            .zcard(k("delayed"))
-            .zcard(k("held"))
-            .zcard(k("ready"))
-            .cmd("XLEN")
-            .arg(k("dlq"))
-            .zrange_withscores(k("waiting"), 0, 0)
-            .cmd("TIME")
-            .query_async(&mut self.conn())
-            .await?;
+        );
+        let (ready, in_flight, delayed, held, active_apps, dead, waiting, now): Reply =
+            redis::pipe()
+                .get(k("count"))
+                .get(k("inflight"))
+                .zcard(k("delayed"))
+                .zcard(k("held"))
+                .zcard(k("ready"))
+                .cmd("XLEN")
+                .arg(k("dlq"))
+                .zrange_withscores(k("waiting"), 0, 0)
+                .cmd("TIME")
+                .query_async(&mut self.conn())
+                .await?;
         Ok(Depth {
             ready: ready.unwrap_or(0).max(0) as u64,
             in_flight: in_flight.unwrap_or(0).max(0) as u64,
@@ -457,21 +628,46 @@ impl RedisQueue {
         let parts: Vec<Option<String>> = std::iter::once(None)
             .chain(endpoints.iter().cloned().map(Some))
             .collect();
+        let keys = self.keys_of(app);
         let mut pipe = redis::pipe();
         for p in &parts {
-            pipe.llen(self.keys.list(app, p.as_deref()));
+            pipe.llen(keys.list(app, p.as_deref()));
         }
         let lens: Vec<u64> = pipe.query_async(&mut self.conn()).await?;
         Ok(parts.into_iter().zip(lens).collect())
     }
 
+    /// Endpoint states, asked of each app's shard; in the order asked.
     pub(super) async fn endpoints(
         &self,
         which: &[(String, String)],
     ) -> Result<Vec<EndpointStatus>, QueueError> {
+        let mut by_shard: BTreeMap<usize, Vec<(usize, (String, String))>> = BTreeMap::new();
+        for (i, pair) in which.iter().enumerate() {
+            by_shard
+                .entry(shard_of(&pair.0, self.shards.len()))
+                .or_default()
+                .push((i, pair.clone()));
+        }
+        let mut out: Vec<Option<EndpointStatus>> = vec![None; which.len()];
+        for (shard, asked) in by_shard {
+            let pairs: Vec<(String, String)> = asked.iter().map(|(_, p)| p.clone()).collect();
+            let states = self.shard_endpoints(&self.shards[shard], &pairs).await?;
+            for ((i, _), state) in asked.into_iter().zip(states) {
+                out[i] = Some(state);
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    async fn shard_endpoints(
+        &self,
+        keys: &Keys,
+        which: &[(String, String)],
+    ) -> Result<Vec<EndpointStatus>, QueueError> {
         let mut out = Vec::with_capacity(which.len());
         for chunk in which.chunks(500) {
-            let mut inv = self.invoke(&self.scripts.status);
+            let mut inv = self.invoke(&self.scripts.status, keys);
             inv.arg(self.options.breaker.window.as_millis() as u64)
                 .arg(chunk.len());
             for (app, ep) in chunk {
@@ -506,7 +702,7 @@ impl RedisQueue {
     }
 
     pub(super) async fn reset_endpoint(&self, app: &str, endpoint: &str) -> Result<(), QueueError> {
-        let mut inv = self.invoke(&self.scripts.reset);
+        let mut inv = self.invoke(&self.scripts.reset, self.keys_of(app));
         inv.arg(app).arg(endpoint);
         inv.invoke_async::<()>(&mut self.conn()).await?;
         Ok(())
@@ -579,11 +775,22 @@ impl RedisQueue {
                 Err(m) => dead.push(encode_letter(&DeadLetter::malformed(&m, now))),
             }
         }
-        let refs = jobs
-            .iter()
-            .map(|(a, p, j)| (a.as_str(), p.as_str(), j.as_str()))
-            .collect();
-        self.admit(&mut self.conn(), refs, &dead, &ids).await
+        // Other shards' jobs first; then shard 0's with the dead letters and
+        // the acks. A crash in between reads the entries again: at least once.
+        let mut by_shard: BTreeMap<usize, Vec<(&str, &str, &str)>> = BTreeMap::new();
+        for (a, p, j) in &jobs {
+            by_shard
+                .entry(shard_of(a, self.shards.len()))
+                .or_default()
+                .push((a.as_str(), p.as_str(), j.as_str()));
+        }
+        let own = by_shard.remove(&0).unwrap_or_default();
+        for (shard, refs) in by_shard {
+            self.admit(&mut self.conn(), &self.shards[shard], refs, &[], &[])
+                .await?;
+        }
+        self.admit(&mut self.conn(), &self.keys, own, &dead, &ids)
+            .await
     }
 
     pub(super) async fn idempotency_begin(
@@ -668,6 +875,19 @@ fn app_jobs<'a>(app: &'a str, jobs: &'a [(String, String)]) -> Vec<(&'a str, &'a
         .collect()
 }
 
+/// `<shard>/<lease>` -> (shard, lease as the scripts know it).
+fn split_lease(lease: &str) -> Option<(usize, &str)> {
+    let (shard, rest) = lease.split_once('/')?;
+    Some((shard.parse().ok()?, rest))
+}
+
+/// A stream id's place in time: (ms, seq); unparsable ids last.
+fn stream_order(id: &str) -> (u64, u64) {
+    id.split_once('-')
+        .and_then(|(ms, seq)| Some((ms.parse().ok()?, seq.parse().ok()?)))
+        .unwrap_or((u64::MAX, u64::MAX))
+}
+
 fn health_args(app: &str, endpoint: &str, signal: &str, arg: String) -> Vec<String> {
     vec!["H".into(), app.into(), endpoint.into(), signal.into(), arg]
 }
@@ -677,10 +897,10 @@ fn encode_letter(letter: &DeadLetter) -> String {
 }
 
 /// A job as the take script hands it out: (lease, (app, partition), job id,
-/// disabled reason). The worker's lease is `<lease>#<job id>`.
+/// disabled reason). The worker's lease is `<shard>/<lease>#<job id>`.
 type RawLease = (String, (String, String), String, Option<String>);
 
-fn parse_taken(reply: Vec<Value>) -> Result<(Taken, Vec<RawLease>), QueueError> {
+fn parse_taken(reply: Vec<Value>, shard: usize) -> Result<(Taken, Vec<RawLease>), QueueError> {
     let bad = || QueueError::Corrupt("unexpected reply from the take script".into());
     let mut it = reply.into_iter();
     let num = |it: &mut std::vec::IntoIter<Value>| -> Result<i64, QueueError> {
@@ -704,7 +924,7 @@ fn parse_taken(reply: Vec<Value>) -> Result<(Taken, Vec<RawLease>), QueueError> 
         for _ in 0..num(&mut it)? {
             let job_id = text(&mut it)?;
             leases.push((
-                format!("{lease}#{job_id}"),
+                format!("{shard}/{lease}#{job_id}"),
                 (app.clone(), part.clone()),
                 job_id,
                 disabled.clone(),
