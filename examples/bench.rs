@@ -49,7 +49,8 @@ use tokio_util::sync::CancellationToken;
 mod support;
 
 use support::{
-    Machine, allow_loopback, box_load, cleanup, leading_time_ms, machine_summary, toml_str,
+    Machine, allow_loopback, box_load, cleanup, leading_time_ms, machine_summary,
+    serve_on_own_thread, toml_str,
 };
 use wasmhook::config::Settings;
 use wasmhook::event::{Event, Job, now_ms};
@@ -710,25 +711,10 @@ fn start_sink(target: u64) -> anyhow::Result<Sink> {
         origin: OnceLock::new(),
         timeline: Mutex::new(Vec::new()),
     });
-    let shared = state.clone();
-    std::thread::Builder::new()
-        .name("bench-sink".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("building the sink runtime");
-            rt.block_on(async move {
-                let listener =
-                    tokio::net::TcpListener::from_std(listener).expect("adopting the sink socket");
-                let app = axum::Router::new()
-                    .route("/hook", axum::routing::post(receive))
-                    .with_state(shared);
-                if let Err(e) = axum::serve(listener, app).await {
-                    eprintln!("sink stopped: {e}");
-                }
-            });
-        })?;
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(receive))
+        .with_state(state.clone());
+    serve_on_own_thread("bench-sink", listener, app)?;
     Ok(Sink { addr, state })
 }
 

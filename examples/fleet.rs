@@ -38,7 +38,7 @@ use clap::Parser;
 #[path = "support/mod.rs"]
 mod support;
 
-use support::{allow_loopback, box_load, machine_summary};
+use support::{allow_loopback, box_load, machine_summary, serve_on_own_thread};
 use wasmhook::event::{Event, Job, now_ms};
 
 #[derive(Debug, Parser)]
@@ -245,25 +245,14 @@ fn start_sink() -> anyhow::Result<(u16, Arc<AtomicU64>)> {
     let port = listener.local_addr()?.port();
     let count = Arc::new(AtomicU64::new(0));
     let shared = count.clone();
-    std::thread::Builder::new()
-        .name("fleet-sink".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("building the sink runtime");
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("sink socket");
-                let app = axum::Router::new().route(
-                    "/hook",
-                    axum::routing::post(move || {
-                        shared.fetch_add(1, Ordering::Relaxed);
-                        async { StatusCode::OK }
-                    }),
-                );
-                let _ = axum::serve(listener, app).await;
-            });
-        })?;
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            shared.fetch_add(1, Ordering::Relaxed);
+            async { StatusCode::OK }
+        }),
+    );
+    serve_on_own_thread("fleet-sink", listener, app)?;
     Ok((port, count))
 }
 

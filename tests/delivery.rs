@@ -781,12 +781,7 @@ async fn an_acl_user_with_a_password_file_delivers_and_a_refused_login_stops_ser
         ),
         ("", "NOAUTH"),
     ] {
-        let run = Running::start(&with(auth), Mode::All).await;
-        let result = tokio::time::timeout(Duration::from_secs(20), run.task)
-            .await
-            .expect("serve stops at start")
-            .unwrap();
-        let error = format!("{:#}", result.unwrap_err());
+        let error = Running::refused(&with(auth)).await;
         assert!(error.contains("Redis refused the login"), "{error}");
         assert!(error.contains(code), "{error}");
         assert!(!error.contains("wrong-pw-789"), "{error}");
@@ -1069,12 +1064,7 @@ async fn a_cluster_with_a_password_delivers_and_a_wrong_one_stops_serve() {
     };
     one_event_arrives(&with("cluster-pw-123"), &rx).await;
 
-    let run = Running::start(&with("wrong-pw-789"), Mode::All).await;
-    let result = tokio::time::timeout(Duration::from_secs(20), run.task)
-        .await
-        .expect("serve stops at start")
-        .unwrap();
-    let error = format!("{:#}", result.unwrap_err());
+    let error = Running::refused(&with("wrong-pw-789")).await;
     assert!(error.contains("Redis refused the login"), "{error}");
     assert!(!error.contains("wrong-pw-789"), "{error}");
 }
@@ -1197,11 +1187,6 @@ async fn a_sharded_queue_spreads_apps_over_primaries_and_loses_nothing() {
 
     // Another number of shards on the same queue: refused at start.
     let other = text.replace(&format!("shards = {CLUSTER_SHARDS}"), "shards = 2");
-    let run = Running::start(&other, Mode::All).await;
-    let result = tokio::time::timeout(Duration::from_secs(20), run.task)
-        .await
-        .expect("serve stops at start")
-        .unwrap();
-    let error = format!("{:#}", result.unwrap_err());
+    let error = Running::refused(&other).await;
     assert!(error.contains("made with 3 shards"), "{error}");
 }

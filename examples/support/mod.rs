@@ -35,6 +35,32 @@ pub fn leading_time_ms(body: &[u8]) -> Option<u64> {
     )
 }
 
+/// Serves `app` on `listener` (bound, non-blocking) on a one-thread runtime
+/// in an OS thread of its own, so a sink does not share the scheduler of
+/// what it measures.
+pub fn serve_on_own_thread(
+    name: &str,
+    listener: std::net::TcpListener,
+    app: axum::Router,
+) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("building the sink runtime");
+            rt.block_on(async move {
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).expect("adopting the sink socket");
+                if let Err(e) = axum::serve(listener, app).await {
+                    eprintln!("sink stopped: {e}");
+                }
+            });
+        })?;
+    Ok(())
+}
+
 /// Removes every key of the run: SCAN MATCH <prefix>:* and UNLINK.
 pub async fn cleanup(redis_url: &str, prefix: &str) -> anyhow::Result<u64> {
     let client = redis::Client::open(redis_url)?;

@@ -738,6 +738,16 @@ impl Running {
         Running { stop, task, ingest }
     }
 
+    /// For a config `serve` must refuse: the error it stops with at start.
+    pub async fn refused(text: &str) -> String {
+        let run = Running::start(text, wasmhook::service::Mode::All).await;
+        let result = tokio::time::timeout(Duration::from_secs(20), run.task)
+            .await
+            .expect("serve stops at start")
+            .unwrap();
+        format!("{:#}", result.expect_err("serve refuses to start"))
+    }
+
     pub async fn shutdown(self) {
         self.stop.cancel();
         tokio::time::timeout(Duration::from_secs(20), self.task)

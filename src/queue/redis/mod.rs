@@ -488,7 +488,7 @@ impl RedisQueue {
                 all.push((order, self.dlq_id(shard, &s.id), s));
             }
         }
-        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all.sort_by_key(|a| a.0);
         all.into_iter()
             .take(count.max(1))
             .map(|(_, id, s)| to_dead_letter(s).map(|(_, letter)| (id, letter)))
@@ -642,7 +642,9 @@ impl RedisQueue {
         &self,
         which: &[(String, String)],
     ) -> Result<Vec<EndpointStatus>, QueueError> {
-        let mut by_shard: BTreeMap<usize, Vec<(usize, (String, String))>> = BTreeMap::new();
+        // Per shard: (place in `which`, (app, endpoint)).
+        type Asked = Vec<(usize, (String, String))>;
+        let mut by_shard: BTreeMap<usize, Asked> = BTreeMap::new();
         for (i, pair) in which.iter().enumerate() {
             by_shard
                 .entry(shard_of(&pair.0, self.shards.len()))
