@@ -14,9 +14,14 @@ use crate::queue::{Keys, Queue, RedisQueue, RedisTarget};
 
 pub struct Producer {
     queue: Queue,
+    /// Checked once, before the first enqueue: the queue's number of shards
+    /// is this producer's (else its apps' jobs would go to the wrong shard).
+    layout: tokio::sync::OnceCell<()>,
 }
 
 impl Producer {
+    /// A producer for a one-shard queue on one server (see
+    /// [`Producer::from_settings`] for shards, a cluster, a login or TLS).
     pub fn connect(redis_url: &str, prefix: &str) -> anyhow::Result<Self> {
         // A producer only enqueues; the queue's options are the built-in ones.
         let defaults = crate::config::load_from(None, Some(""), Vec::<(String, String)>::new())?;
@@ -26,6 +31,7 @@ impl Producer {
                 Keys::new(prefix),
                 defaults.queue_options(),
             )?),
+            layout: Default::default(),
         })
     }
 
@@ -41,6 +47,7 @@ impl Producer {
                 settings.keys.clone(),
                 settings.queue_options(),
             )?),
+            layout: Default::default(),
         })
     }
 
@@ -64,6 +71,9 @@ impl Producer {
         for value in events {
             jobs.push(Job::new(app_id, Event::from_json(value)?, created_ms));
         }
+        self.layout
+            .get_or_try_init(|| self.queue.check_layout())
+            .await?;
         self.queue.enqueue(app_id, &jobs).await?;
         Ok(jobs.into_iter().map(|j| j.id).collect())
     }

@@ -1190,3 +1190,37 @@ async fn a_sharded_queue_spreads_apps_over_primaries_and_loses_nothing() {
     let error = Running::refused(&other).await;
     assert!(error.contains("made with 3 shards"), "{error}");
 }
+
+/// A producer learns nothing by itself about shards: one made for another
+/// number than the queue's is refused before it writes anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_with_another_number_of_shards_is_refused() {
+    let redis = RedisServer::start();
+    let p = prefix("producer-shards");
+    let text = config_with(
+        &format!("url = \"{}\"\nshards = 4\n", redis.url),
+        &p,
+        "127.0.0.1:0",
+        &app("app-1", ""),
+    );
+    let sharded = wasmhook::producer::Producer::from_settings(&settings(&text)).unwrap();
+    sharded
+        .send("app-1", json!({"name": "client_event"}))
+        .await
+        .unwrap();
+    let q = queue(&text);
+    assert_eq!(q.app_depth("app-1", &[]).await.unwrap(), [(None, 1)]);
+
+    let plain = wasmhook::producer::Producer::connect(&redis.url, &p).unwrap();
+    let error = plain
+        .send("app-1", json!({"name": "client_event"}))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("made with 4 shards"), "{error}");
+    assert_eq!(
+        q.depth().await.unwrap().ready,
+        1,
+        "nothing more was written"
+    );
+}
