@@ -146,14 +146,32 @@ async fn a_slow_endpoint_holds_only_its_own_slots_and_another_app_flows_past() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_apps_backlog_does_not_delay_another_apps_fresh_event() {
+    backlog_and_fresh_event(1).await;
+}
+
+/// The same with the queue in 4 shards: the two apps in different ones
+/// (takes visit the shards in turn).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_apps_backlog_does_not_delay_another_apps_fresh_event_in_another_shard() {
+    use wasmhook::queue::keys::shard_of;
+    assert_ne!(shard_of("bulk", 4), shard_of("fresh", 4));
+    backlog_and_fresh_event(4).await;
+}
+
+async fn backlog_and_fresh_event(shards: usize) {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let rx = Receiver::start().await;
     let p = prefix("backlog");
     let apps = app("bulk", &standard_endpoint(&rx.url("bulk")))
         + &app("fresh", &standard_endpoint(&rx.url("fresh")));
-    let text = config(Some(&redis.url), &p, "127.0.0.1:0", &apps);
-    let producer = Producer::connect(&redis.url, &p).unwrap();
+    let text = config_with(
+        &format!("url = \"{}\"\nshards = {shards}\n", redis.url),
+        &p,
+        "127.0.0.1:0",
+        &apps,
+    );
+    let producer = Producer::from_settings(&settings(&text)).unwrap();
     send_all(&producer, "bulk", events(20_000, "b")).await;
     let id = producer
         .send("fresh", json!({"name": "client_event", "channel": "f"}))
