@@ -83,7 +83,12 @@ async fn delivers_to_pusher_and_standard_endpoints_with_verifiable_signatures(re
     assert_eq!(rx.received("pusher").len(), 1);
     assert_eq!(rx.received("std").len(), 1);
     let q = queue(&text);
-    let depth = q.depth().await.unwrap();
+    // The outcomes are committed just after the receiver answers.
+    let depth = eventually("both committed", WAIT, async || {
+        let d = q.depth().await.unwrap();
+        (d.in_flight == 0).then_some(d)
+    })
+    .await;
     assert_eq!(
         (depth.ready, depth.in_flight, depth.delayed, depth.dead),
         (0, 0, 0, 0)
@@ -555,7 +560,13 @@ async fn the_rust_producer_api() {
     let mut want: Vec<&str> = ids.iter().map(String::as_str).collect();
     want.sort();
     assert_eq!(seen, want);
+    // The outcome is committed just after the receiver answers.
     let q = queue(&text);
+    eventually("both recorded as delivered", WAIT, async || {
+        (q.stats().await.unwrap().get("delivered") == Some(&2)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(q.stats().await.unwrap().get("delivered"), Some(&2));
     wh.shutdown().await;
 }
