@@ -85,6 +85,10 @@ pub struct Endpoint {
     pub max_in_flight: usize,
     /// Held by every worker together.
     pub rate_limit: Option<RateLimit>,
+    /// One event in flight fleet-wide, in the order the app sent them; a
+    /// failing event holds back the later ones until it is delivered or
+    /// dead-lettered.
+    pub ordered: bool,
     /// The endpoint's chain: runs on every attempt, after routing.
     pub plugins: Vec<PluginRef>,
 }

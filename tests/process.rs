@@ -334,3 +334,104 @@ async fn the_embedded_default_runs_and_a_sent_event_reaches_the_receiver() {
     let (ok, _, err) = run_cli(&path, &["serve", "--mode", "worker"]).await;
     assert!(!ok && err.contains("needs a shared queue"), "{err}");
 }
+
+/// `ordered = true`: 200 events through two worker processes, with a
+/// receiver that fails every seventh request (500, then the retry) and
+/// refuses one for good (400), and one worker SIGKILLed mid-run. Every
+/// event but the refused one arrives, in the order it was sent (a repeat
+/// only of the event just before, after the kill); the refused one is
+/// dead-lettered saying it broke the order, and the next went on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_endpoint_gets_events_in_order_across_workers_failures_and_a_kill() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let replies: Vec<u16> = (0..400)
+        .map(|i| match i {
+            40 => 400,
+            i if i % 7 == 3 => 500,
+            _ => 200,
+        })
+        .collect();
+    rx.script("ordered", &replies, 200);
+    rx.delay("ordered", Duration::from_millis(2));
+    let p = prefix("ordered");
+    let endpoint = standard_endpoint(&rx.url("ordered")) + "ordered = true\n";
+    let text = config(
+        Some(&redis.url),
+        &p,
+        "127.0.0.1:0",
+        &app("app-1", &endpoint),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &text);
+    let producer = wasmhook::producer::Producer::connect(&redis.url, &p).unwrap();
+    let mut ids = Vec::new();
+    for chunk in (0..200).collect::<Vec<usize>>().chunks(50) {
+        let events = chunk
+            .iter()
+            .map(|i| json!({"name": "client_event", "channel": "c", "data": i.to_string()}))
+            .collect();
+        ids.extend(producer.send_many("app-1", events).await.unwrap());
+    }
+    let index =
+        |r: &Received| -> usize { r.json()["data"]["data"].as_str().unwrap().parse().unwrap() };
+
+    let mut first = spawn_serve(&path, "worker");
+    let second = spawn_serve(&path, "worker");
+    eventually("deliveries under way", WAIT, async || {
+        (rx.received("ordered")
+            .iter()
+            .filter(|r| r.status == 200)
+            .count()
+            >= 80)
+            .then_some(())
+    })
+    .await;
+    signal(&first, libc::SIGKILL);
+    first.wait().await.unwrap();
+    let q = queue(&text);
+    let letters = dead_letters(&q, 1).await;
+    eventually("every event but one delivered", WAIT, async || {
+        let ok: HashSet<usize> = rx
+            .received("ordered")
+            .iter()
+            .filter(|r| r.status == 200)
+            .map(index)
+            .collect();
+        (ok.len() == 199).then_some(())
+    })
+    .await;
+
+    let got = rx.received("ordered");
+    let refused = got.iter().find(|r| r.status == 400).map(index).unwrap();
+    let mut delivered: Vec<usize> = got.iter().filter(|r| r.status == 200).map(index).collect();
+    delivered.dedup();
+    assert!(
+        delivered.windows(2).all(|w| w[0] < w[1]),
+        "in order: {delivered:?}"
+    );
+    assert!(!delivered.contains(&refused));
+    assert_eq!(delivered.len(), 199);
+    // Every failed request was followed by its own retry before anything else.
+    for (i, r) in got.iter().enumerate() {
+        if r.status == 500 {
+            assert_eq!(index(&got[i + 1]), index(r), "the retry comes next");
+        }
+    }
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0].1;
+    assert!(
+        letter.reason.contains("ordered endpoint"),
+        "{}",
+        letter.reason
+    );
+    assert_eq!(letter.job.as_ref().unwrap().id, ids[refused]);
+    stop_all_workers(vec![second]).await;
+}
+
+async fn stop_all_workers(workers: Vec<tokio::process::Child>) {
+    for mut w in workers {
+        signal(&w, libc::SIGTERM);
+        assert!(w.wait().await.unwrap().success());
+    }
+}

@@ -516,6 +516,7 @@ const WEBHOOK_KEYS: Keys = &[
     ("max_in_flight", INT),
     ("rate_limit", RATE),
     ("rate_limit_burst", INT),
+    ("ordered", BOOL),
     ("plugins", LISTS),
     ("lambda", TABLES),
 ];

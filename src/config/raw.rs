@@ -325,6 +325,9 @@ pub struct RawWebhook {
     /// Requests that may go at once after a quiet spell (default: a tenth of
     /// a second's worth, at least 1).
     pub rate_limit_burst: Option<u32>,
+    /// Deliver its events one at a time, in the order the app sent them.
+    #[serde(default)]
+    pub ordered: bool,
     /// The endpoint's chain: on every attempt, after routing.
     #[serde(default)]
     pub plugins: Vec<RawPluginRef>,

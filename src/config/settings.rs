@@ -346,12 +346,13 @@ pub fn tenancy(queues: &QueueSettings, delivery: &DeliverySettings, apps: &Apps)
             t.apps.push((app.id.clone(), app.weight, app.max_in_flight));
         }
         for e in &app.endpoints {
-            if e.max_in_flight != delivery.max_in_flight || e.rate_limit.is_some() {
+            if e.max_in_flight != delivery.max_in_flight || e.rate_limit.is_some() || e.ordered {
                 t.endpoints.push(EndpointTenancy {
                     app: app.id.clone(),
                     endpoint: e.id.clone(),
                     max_in_flight: e.max_in_flight,
                     rate_limit: e.rate_limit,
+                    ordered: e.ordered,
                 });
             }
         }
@@ -1104,6 +1105,7 @@ fn build_endpoint(
         retry,
         max_in_flight,
         rate_limit,
+        ordered: w.ordered,
         plugins: chain,
     })
 }

@@ -304,6 +304,7 @@ mod tests {
             retry: RetryPolicy::new(vec![Duration::ZERO], 0.0, Duration::ZERO),
             max_in_flight: 16,
             rate_limit: None,
+            ordered: false,
             plugins: vec![],
         })
     }

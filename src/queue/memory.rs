@@ -54,6 +54,10 @@ struct Limits {
     apps: HashMap<String, (u32, usize)>,
     /// app → endpoint → (max in flight, rate limit).
     endpoints: HashMap<String, HashMap<String, (usize, Option<RateLimit>)>>,
+    /// (app, endpoint) of ordered endpoints.
+    ordered: HashSet<(String, String)>,
+    /// Apps with an ordered endpoint: their new events one at a time.
+    ordered_apps: HashSet<String>,
 }
 
 impl Default for Limits {
@@ -65,6 +69,8 @@ impl Default for Limits {
             endpoint_cap: UNCAPPED,
             apps: HashMap::new(),
             endpoints: HashMap::new(),
+            ordered: HashSet::new(),
+            ordered_apps: HashSet::new(),
         }
     }
 }
@@ -78,6 +84,13 @@ impl Limits {
                 .or_default()
                 .insert(e.endpoint.clone(), (e.max_in_flight, e.rate_limit));
         }
+        let ordered: HashSet<(String, String)> = tenancy
+            .endpoints
+            .iter()
+            .filter(|e| e.ordered)
+            .map(|e| (e.app.clone(), e.endpoint.clone()))
+            .collect();
+        let ordered_apps = ordered.iter().map(|(app, _)| app.clone()).collect();
         Limits {
             quantum: tenancy.quantum,
             app_weight: tenancy.app_weight,
@@ -89,7 +102,14 @@ impl Limits {
                 .map(|(app, weight, cap)| (app.clone(), (*weight, *cap)))
                 .collect(),
             endpoints,
+            ordered,
+            ordered_apps,
         }
+    }
+
+    fn is_ordered(&self, app: &str, endpoint: &str) -> bool {
+        self.ordered
+            .contains(&(app.to_string(), endpoint.to_string()))
     }
 
     /// Jobs per turn and max in flight.
@@ -122,6 +142,8 @@ struct Endpoint {
     hold_until: u64,
     /// The lease of the half-open probe in flight.
     probe: Option<String>,
+    /// Ordered: the lease of its one job in flight.
+    order_lease: Option<String>,
     /// The rate limiter's theoretical arrival time.
     tat: Option<f64>,
     /// Times a take held it for its rate limit.
@@ -141,6 +163,8 @@ struct App {
     /// its last turn (for the metrics).
     waiting_since: u64,
     endpoints: HashMap<String, Endpoint>,
+    /// With an ordered endpoint: the lease of its one new event in flight.
+    intake_lease: Option<String>,
 }
 
 struct Lease {
@@ -519,10 +543,24 @@ impl State {
                     // endpoint's cap.
                     let endpoint_cap = self.limits.endpoint_cap;
                     let room = rooms.intake.entry(app.to_string()).or_insert(endpoint_cap);
-                    let want = (*room).min(left);
+                    let mut want = (*room).min(left);
+                    // An app with an ordered endpoint: one new event at a
+                    // time, so that routing keeps their order.
+                    let ordered = self.limits.ordered_apps.contains(app);
+                    if ordered {
+                        let held = self.apps.get(app).and_then(|a| a.intake_lease.clone());
+                        want = match held.and_then(|l| self.lease_expiry(&l)) {
+                            Some(_) => 0,
+                            None => want.min(1),
+                        };
+                    }
                     let n = self.lease_out(options, app, &part, want, None, now, out);
                     if let Some(r) = rooms.intake.get_mut(app) {
                         *r -= n;
+                    }
+                    if ordered && n > 0 {
+                        let lease = out.last().map(|l| l.lease.clone());
+                        self.apps.entry(app.to_string()).or_default().intake_lease = lease;
                     }
                     new_events += n;
                     n
@@ -558,7 +596,17 @@ impl State {
         let part = Some(endpoint.to_string());
         // Never ask the rate limiter for more than waits: it would charge for
         // requests that are not sent.
-        let want = budget.min(room).min(self.waiting(app, &part));
+        let mut want = budget.min(room).min(self.waiting(app, &part));
+        let ordered = self.limits.is_ordered(app, endpoint);
+        if ordered {
+            // One job in flight fleet-wide; held until its outcome is in.
+            let held = self.endpoint_mut(app, endpoint).order_lease.clone();
+            if let Some(expires) = held.and_then(|l| self.lease_expiry(&l)) {
+                self.set_hold(app, endpoint, expires);
+                return 0;
+            }
+            want = want.min(1);
+        }
         let e = self.endpoint_mut(app, endpoint);
         let state = e.breaker.state;
         let n = match state {
@@ -613,6 +661,11 @@ impl State {
                 None => self.lease_out(options, app, &part, want, None, now, out),
             },
         };
+        if ordered && n > 0 {
+            let lease = out.last().map(|l| l.lease.clone());
+            self.endpoint_mut(app, endpoint).order_lease = lease;
+            self.set_hold(app, endpoint, now.saturating_add(millis(options.lease)));
+        }
         *rooms.endpoint(app, endpoint, cap) -= n;
         n
     }
@@ -716,6 +769,11 @@ impl State {
                 self.lease_expiry.remove(&(l.expires, id));
                 l
             });
+            // Its end frees the next job of an ordered endpoint or the next
+            // new event (before its effects, which may hold it again).
+            if let Some(l) = &lease {
+                self.release_order(&l.app, &l.part, &completion.lease);
+            }
             for effect in &completion.effects {
                 match effect {
                     // What the endpoint said is true whoever holds the lease.
@@ -735,6 +793,13 @@ impl State {
                         let seq = self.next_seq();
                         self.delayed
                             .insert((now.saturating_add(*delay_ms), seq), job.clone());
+                    }
+                    Effect::Front { job, delay_ms } => {
+                        let app = job.app_id.clone();
+                        self.push_front(&app, job.endpoint.clone(), job.clone());
+                        if let Some(ep) = &job.endpoint {
+                            self.set_hold(&app, ep, now.saturating_add(*delay_ms));
+                        }
                     }
                     Effect::DeadLetter(letter) => {
                         let id = format!("{now}-{}", self.next_seq());
@@ -763,6 +828,28 @@ impl State {
             }
         }
         changes
+    }
+
+    fn release_order(&mut self, app: &str, part: &Part, lease: &str) {
+        match part {
+            None => {
+                if let Some(a) = self.apps.get_mut(app)
+                    && a.intake_lease.as_deref() == Some(lease)
+                {
+                    a.intake_lease = None;
+                    self.joined = true;
+                }
+            }
+            Some(ep) => {
+                let e = self.endpoint_mut(app, ep);
+                if e.order_lease.as_deref() == Some(lease) {
+                    e.order_lease = None;
+                    self.end_hold(app, ep);
+                    // Idle workers learn that the next one may go.
+                    self.joined = true;
+                }
+            }
+        }
     }
 
     fn health(
@@ -1306,6 +1393,7 @@ mod tests {
             endpoint: "e".into(),
             max_in_flight: 1,
             rate_limit: None,
+            ordered: false,
         }];
         s.configure(&t);
         for app in ["a", "b"] {
@@ -1395,6 +1483,81 @@ mod tests {
         assert_eq!(ids(&due), ["a/e/0"]);
         assert_eq!(due.jobs[0].job.as_ref().unwrap().attempt, 1);
         assert_eq!(s.depth(T0 + 5000).delayed, 0);
+    }
+
+    fn ordered(app: &str, endpoint: &str) -> Tenancy {
+        let mut t = tenancy(8);
+        t.endpoints = vec![EndpointTenancy {
+            app: app.into(),
+            endpoint: endpoint.into(),
+            max_in_flight: 1000,
+            rate_limit: None,
+            ordered: true,
+        }];
+        t
+    }
+
+    #[test]
+    fn an_ordered_endpoint_has_one_job_out_and_a_retry_keeps_its_place() {
+        let mut s = State::default();
+        s.configure(&ordered("a", "e"));
+        s.enqueue("a", &jobs("a", Some("e"), 3));
+        let first = take(&mut s, 10, T0);
+        assert_eq!(ids(&first), ["a/e/0"], "one at a time");
+        assert!(
+            take(&mut s, 10, T0).jobs.is_empty(),
+            "nothing while it is out"
+        );
+
+        // A retry goes back to the front; the endpoint waits until it is due.
+        let mut again = job("a", Some("e"), 0);
+        again.attempt = 1;
+        commit(
+            &mut s,
+            &first.jobs[0].lease,
+            vec![Effect::Front {
+                job: again,
+                delay_ms: 100,
+            }],
+            T0,
+        );
+        assert!(take(&mut s, 10, T0 + 50).jobs.is_empty(), "held until due");
+        let retry = take(&mut s, 10, T0 + 100);
+        assert_eq!(ids(&retry), ["a/e/0"], "the failed job first, again");
+        assert_eq!(retry.jobs[0].job.as_ref().unwrap().attempt, 1);
+
+        // Its dead letter lets the next one go at once.
+        commit(&mut s, &retry.jobs[0].lease, vec![], T0 + 100);
+        assert_eq!(ids(&take(&mut s, 10, T0 + 100)), ["a/e/1"]);
+
+        // A lapsed lease: the same job again, still first.
+        let lapsed = take(&mut s, 10, T0 + 100 + 30_000);
+        assert_eq!(ids(&lapsed), ["a/e/1"]);
+    }
+
+    #[test]
+    fn an_app_with_an_ordered_endpoint_routes_its_new_events_one_at_a_time() {
+        let mut s = State::default();
+        s.configure(&ordered("a", "e"));
+        s.enqueue("a", &jobs("a", None, 3));
+        s.enqueue("b", &jobs("b", None, 3));
+        let first = take(&mut s, 10, T0);
+        assert_eq!(ids(&first), ["a/new/0", "b/new/0", "b/new/1", "b/new/2"]);
+        assert!(take(&mut s, 10, T0).jobs.is_empty());
+        let lease = &first.jobs[0].lease;
+        commit(
+            &mut s,
+            lease,
+            vec![Effect::Enqueue(job("a", Some("e"), 0))],
+            T0,
+        );
+        let mut next = ids(&take(&mut s, 10, T0));
+        next.sort();
+        assert_eq!(
+            next,
+            ["a/e/0", "a/new/1"],
+            "the routed job and the next new event"
+        );
     }
 
     #[test]
@@ -1495,6 +1658,7 @@ mod tests {
                 per: Duration::from_secs(1),
                 burst: 1,
             }),
+            ordered: false,
         }];
         s.configure(&t);
         s.enqueue("a", &jobs("a", Some("e"), 5));

@@ -110,6 +110,13 @@ pub enum Effect {
         job: Job,
         delay_ms: u64,
     },
+    /// Put a job back at the front of its endpoint's partition and hold the
+    /// endpoint for `delay_ms` (a retry on an ordered endpoint: nothing
+    /// after it goes first).
+    Front {
+        job: Job,
+        delay_ms: u64,
+    },
     DeadLetter(DeadLetter),
     Count(Stat),
     /// What an attempt said about an endpoint, for its breaker; recorded even
@@ -198,6 +205,9 @@ pub struct EndpointTenancy {
     pub endpoint: String,
     pub max_in_flight: usize,
     pub rate_limit: Option<RateLimit>,
+    /// One job in flight fleet-wide, in order; the app's new events are then
+    /// taken one at a time, so that routing keeps their order.
+    pub ordered: bool,
 }
 
 /// How the queue behaves, fixed for its life.

@@ -138,7 +138,9 @@ async fn routed(
             1 => {
                 let (endpoint, aimed) = targets.pop().expect("one target");
                 let is_busy = busy.iter().any(|b| b == &endpoint.id);
-                if slot.try_endpoint(&endpoint.id, is_busy) {
+                // An ordered endpoint's events go through its partition, one
+                // at a time.
+                if !endpoint.ordered && slot.try_endpoint(&endpoint.id, is_busy) {
                     deliver(ctx, tenants, app, endpoint, aimed).await
                 } else {
                     debug!(
@@ -198,7 +200,7 @@ async fn deliver(
             }
             Err(e) => {
                 let failure = Failure::retryable(e.to_string());
-                return failed(&endpoint.retry, job, attempt, failure);
+                return in_order(&endpoint, failed(&endpoint.retry, job, attempt, failure));
             }
         };
         let now = now_ms();
@@ -229,7 +231,8 @@ async fn deliver(
             }
             AttemptResult::Failed(failure) => {
                 let signals = signals(&failure);
-                let mut effects = failed(&endpoint.retry, job, attempt, failure);
+                let mut effects =
+                    in_order(&endpoint, failed(&endpoint.retry, job, attempt, failure));
                 effects.extend(signals.into_iter().map(health));
                 effects
             }
@@ -239,6 +242,28 @@ async fn deliver(
     }
     .instrument(span)
     .await
+}
+
+/// On an ordered endpoint a retry goes back to the front of its partition,
+/// the endpoint held until it is due (nothing after it goes first), and a
+/// dead letter says that it broke the order.
+fn in_order(endpoint: &Endpoint, effects: Vec<Effect>) -> Vec<Effect> {
+    if !endpoint.ordered {
+        return effects;
+    }
+    effects
+        .into_iter()
+        .map(|effect| match effect {
+            Effect::Schedule { job, delay_ms } => Effect::Front { job, delay_ms },
+            Effect::DeadLetter(mut letter) => {
+                letter
+                    .reason
+                    .push_str(" (ordered endpoint: the events after it were delivered without it)");
+                Effect::DeadLetter(letter)
+            }
+            other => other,
+        })
+        .collect()
 }
 
 /// What a failed attempt says about the endpoint: a failure for its breaker
@@ -283,13 +308,25 @@ pub(super) fn panicked(
         "job task panicked; treated as a failure"
     );
     let tenants = ctx.tenants();
-    let effects = after_panic(raw, &message, |job| {
+    let endpoint_of = |job: &Job| {
         job.endpoint
             .as_deref()
             .and_then(|e| tenants.apps.get(&job.app_id)?.endpoint(e))
-            .map_or(&ctx.retry, |e| &e.retry)
-            .clone()
+            .cloned()
+    };
+    let effects = after_panic(raw, &message, |job| {
+        endpoint_of(job).map_or_else(|| ctx.retry.clone(), |e| e.retry.clone())
     });
+    // An ordered endpoint's job retries in its place.
+    let effects = match effects.iter().find_map(|e| match e {
+        Effect::Schedule { job, .. } | Effect::DeadLetter(DeadLetter { job: Some(job), .. }) => {
+            endpoint_of(job)
+        }
+        _ => None,
+    }) {
+        Some(endpoint) => in_order(&endpoint, effects),
+        None => effects,
+    };
     Completion { lease, effects }
 }
 

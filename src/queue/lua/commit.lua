@@ -4,7 +4,8 @@
 -- max_cool disable_after' (ms), 4 disable reason, 5 max hold (ms),
 -- 6 n completions, then their n leases ('lease#job id'), then per
 -- completion: its counters (names joined by ','), n effects, effects:
---   'E' app part job | 'S' delay app part job | 'D' letter |
+--   'E' app part job | 'S' delay app part job | 'F' delay app part job
+--   (back to the front, the endpoint held for delay) | 'D' letter |
 --   'H' app endpoint signal arg   (signal: ok (arg: how many), fail,
 --                                  slow (arg: ms), off (arg: reason))
 -- then n, and (app, endpoint, successes) triples: successes not followed by
@@ -130,6 +131,9 @@ for c = 1, n do
       counts[stats] = (counts[stats] or 0) + 1
     end
   end
+  -- Its end frees the next job of an ordered endpoint (before its effects,
+  -- which may hold the endpoint again).
+  if ok and lease then release_order(lease) end
   for _ = 1, k do
     local kind = ARGV[i]
     if kind == 'E' then
@@ -140,6 +144,13 @@ for c = 1, n do
         local id = store({ ARGV[i + 4] })[1]
         redis.call('ZADD', DELAYED, NOW + tonumber(ARGV[i + 1]),
           id .. '|' .. ARGV[i + 2] .. '|' .. ARGV[i + 3])
+      end
+      i = i + 5
+    elseif kind == 'F' then
+      if ok then
+        local app, part = ARGV[i + 2], ARGV[i + 3]
+        push(app, part, store({ ARGV[i + 4] })[1], true)
+        if part ~= '' then hold(app, part, NOW + tonumber(ARGV[i + 1]), true) end
       end
       i = i + 5
     elseif kind == 'D' then

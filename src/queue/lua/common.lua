@@ -21,7 +21,11 @@
 --   P..'inflight'      jobs in leases
 --   P..'count'         jobs waiting in partitions
 --   P..'conf'          HASH '_' -> 'quantum weight appcap epcap', 'a:'..app -> 'weight cap',
---                      'e:'..app..'|'..ep -> 'cap interval tolerance'
+--                      'e:'..app..'|'..ep -> 'cap interval tolerance ordered',
+--                      'o:'..app -> '1' (it has an ordered endpoint: new events one at a time)
+--   ep hash 'olease'   the lease of an ordered endpoint's one job in flight;
+--   P..'ep:'..app..'|' (the new events' partition) 'ilease': the same for the
+--                      one new event in flight of an app with an ordered endpoint
 --   P..'stats'         HASH outcome counters
 --   P..'dlq'           STREAM dead letters
 --   P..'seq', P..'vclock'  counters (job and lease ids, turns)
@@ -170,6 +174,24 @@ local function unhold(app, ep)
   redis.call('ZREM', HELD, app .. '|' .. ep)
   if redis.call('LLEN', list_key(app, ep)) > 0 then activate(app, ep) end
   refresh_busy(app, ep)
+end
+
+-- A lease that ends (committed) frees what it held in order: the next job of
+-- an ordered endpoint, or the next new event of its app.
+local function release_order(lease)
+  local _, app, part = lease_parts(lease)
+  local k = ep_key(app, part)
+  if part == '' then
+    if redis.call('HGET', k, 'ilease') == lease then
+      redis.call('HDEL', k, 'ilease')
+      ring()
+    end
+  elseif redis.call('HGET', k, 'olease') == lease then
+    redis.call('HDEL', k, 'olease')
+    unhold(app, part)
+    -- Workers idle since the take that found it held learn of the next.
+    ring()
+  end
 end
 
 -- Ends an endpoint's breaker, hold and rate state: as new.

@@ -84,11 +84,11 @@ local function ep_conf(app, ep)
   local key = app .. '|' .. ep
   local c = ep_confs[key]
   if c == nil then
-    c = { d_epcap, 0, 0 }
+    c = { d_epcap, 0, 0, false }
     local s = redis.call('HGET', CONF, 'e:' .. key)
     if s then
-      local a, b, e = string.match(s, '^(%S+) (%S+) (%S+)$')
-      c = { tonumber(a), tonumber(b), tonumber(e) }
+      local a, b, e, o = string.match(s, '^(%S+) (%S+) (%S+) ?(%S*)$')
+      c = { tonumber(a), tonumber(b), tonumber(e), o == '1' }
     end
     ep_confs[key] = c
     if ep_room[key] == nil then ep_room[key] = c[1] end
@@ -128,9 +128,26 @@ local function take_endpoint(app, ep, budget)
   local want = math.min(budget, room)
   if want <= 0 then return 0 end
   local k = ep_key(app, ep)
-  local st = redis.call('HMGET', k, 'state', 'probe', 'tat', 'reason')
+  local st = redis.call('HMGET', k, 'state', 'probe', 'tat', 'reason', 'olease')
   if st[1] == 'disabled' then
     return take_from(app, ep, want, st[4] or 'endpoint disabled')
+  end
+  if c[4] then
+    -- Ordered: one job in flight fleet-wide; the partition is held until its
+    -- outcome is in (or its lease lapses and it goes back to the front).
+    local expires = st[5] and redis.call('ZSCORE', LEASES, st[5])
+    if expires then
+      hold(app, ep, tonumber(expires), true)
+      return 0
+    end
+    want = 1
+  end
+  local function ordered_take(n, lease)
+    if c[4] and n > 0 then
+      redis.call('HSET', k, 'olease', lease)
+      hold(app, ep, NOW + lease_ms, true)
+    end
+    return n
   end
   if st[1] == 'half' or st[1] == 'open' then
     -- One probe at a time; nothing else until it is answered.
@@ -144,10 +161,10 @@ local function take_endpoint(app, ep, budget)
       redis.call('HSET', k, 'probe', id, 'state', 'half')
       hold(app, ep, NOW + lease_ms, true)
     end
-    return n
+    return ordered_take(n, id)
   end
   local interval, tolerance = c[2], c[3]
-  if interval <= 0 then return take_from(app, ep, want) end
+  if interval <= 0 then return ordered_take(take_from(app, ep, want)) end
   -- GCRA (mirrors ratelimit::admit).
   local tat = tonumber(st[3]) or NOW
   if tat < NOW then tat = NOW end
@@ -156,7 +173,8 @@ local function take_endpoint(app, ep, budget)
   if tat - NOW <= tolerance then
     allowed = math.min(want, len, math.floor((tolerance - (tat - NOW)) / interval) + 1)
   end
-  local n = take_from(app, ep, allowed)
+  local n, lease = take_from(app, ep, allowed)
+  ordered_take(n, lease)
   tat = tat + n * interval
   redis.call('HSET', k, 'tat', tat)
   if n < want and len > n then
@@ -176,10 +194,18 @@ local function turn(app, budget)
     if part == '' then
       -- An app this worker has nothing of in flight: one endpoint's cap.
       local room = intake_room[app] or d_epcap
-      n = take_from(app, '', math.min(room, budget))
+      local ik, lease = ep_key(app, ''), nil
+      if redis.call('HEXISTS', CONF, 'o:' .. app) == 1 then
+        -- It has an ordered endpoint: one new event at a time, fleet-wide,
+        -- so that they reach its partitions in the order they came.
+        local held = redis.call('HGET', ik, 'ilease')
+        if held and redis.call('ZSCORE', LEASES, held) then room = 0 else room = math.min(room, 1) end
+      end
+      n, lease = take_from(app, '', math.min(room, budget))
       if n > 0 then
         intake = true
         intake_room[app] = room - n
+        if redis.call('HEXISTS', CONF, 'o:' .. app) == 1 then redis.call('HSET', ik, 'ilease', lease) end
       end
     else
       n = take_endpoint(app, part, budget)

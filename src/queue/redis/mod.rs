@@ -235,12 +235,24 @@ impl RedisQueue {
             inv.arg(format!("a:{app}"))
                 .arg(format!("{} {cap}", weight.max(&1)));
         }
+        let mut ordered_apps = std::collections::BTreeSet::new();
         for e in &t.endpoints {
             let (interval, tolerance) = e
                 .rate_limit
                 .map_or((0.0, 0.0), |r| (r.interval_ms(), r.tolerance_ms()));
-            inv.arg(format!("e:{}|{}", e.app, e.endpoint))
-                .arg(format!("{} {interval} {tolerance}", e.max_in_flight));
+            inv.arg(format!("e:{}|{}", e.app, e.endpoint)).arg(format!(
+                "{} {interval} {tolerance} {}",
+                e.max_in_flight,
+                u8::from(e.ordered)
+            ));
+            if e.ordered {
+                ordered_apps.insert(&e.app);
+            }
+        }
+        // Apps whose new events are taken one at a time (routing keeps their
+        // order for their ordered endpoints).
+        for app in ordered_apps {
+            inv.arg(format!("o:{app}")).arg("1");
         }
         inv.invoke_async::<()>(&mut self.conn()).await?;
         Ok(())
@@ -424,6 +436,13 @@ impl RedisQueue {
                     ]),
                     Effect::Schedule { job, delay_ms } => sent.push(vec![
                         "S".into(),
+                        delay_ms.to_string(),
+                        job.app_id.clone(),
+                        job.endpoint.clone().unwrap_or_default(),
+                        entry::encode(job),
+                    ]),
+                    Effect::Front { job, delay_ms } => sent.push(vec![
+                        "F".into(),
                         delay_ms.to_string(),
                         job.app_id.clone(),
                         job.endpoint.clone().unwrap_or_default(),
