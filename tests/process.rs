@@ -353,7 +353,7 @@ async fn an_ordered_endpoint_gets_events_in_order_across_workers_failures_and_a_
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let fail = (seed >> 33) % 10 == 0 && replies.last() != Some(&500);
+        let fail = (seed >> 33).is_multiple_of(10) && replies.last() != Some(&500);
         replies.push(match i {
             40 => 400,
             _ if fail => 500,

@@ -434,20 +434,8 @@ impl RedisQueue {
                         job.endpoint.clone().unwrap_or_default(),
                         entry::encode(job),
                     ]),
-                    Effect::Schedule { job, delay_ms } => sent.push(vec![
-                        "S".into(),
-                        delay_ms.to_string(),
-                        job.app_id.clone(),
-                        job.endpoint.clone().unwrap_or_default(),
-                        entry::encode(job),
-                    ]),
-                    Effect::Front { job, delay_ms } => sent.push(vec![
-                        "F".into(),
-                        delay_ms.to_string(),
-                        job.app_id.clone(),
-                        job.endpoint.clone().unwrap_or_default(),
-                        entry::encode(job),
-                    ]),
+                    Effect::Schedule { job, delay_ms } => sent.push(later("S", *delay_ms, job)),
+                    Effect::Front { job, delay_ms } => sent.push(later("F", *delay_ms, job)),
                     Effect::DeadLetter(letter) => {
                         sent.push(vec!["D".into(), encode_letter(letter)])
                     }
@@ -907,6 +895,17 @@ fn stream_order(id: &str) -> (u64, u64) {
     id.split_once('-')
         .and_then(|(ms, seq)| Some((ms.parse().ok()?, seq.parse().ok()?)))
         .unwrap_or((u64::MAX, u64::MAX))
+}
+
+/// A job stored again after a delay: `kind` delay app part job.
+fn later(kind: &str, delay_ms: u64, job: &Job) -> Vec<String> {
+    vec![
+        kind.into(),
+        delay_ms.to_string(),
+        job.app_id.clone(),
+        job.endpoint.clone().unwrap_or_default(),
+        entry::encode(job),
+    ]
 }
 
 fn health_args(app: &str, endpoint: &str, signal: &str, arg: String) -> Vec<String> {
