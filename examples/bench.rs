@@ -18,6 +18,9 @@
 //! `--sink-url` an external receiver is used instead, and progress is read
 //! from the queue's `delivered` counter (no latency then).
 //!
+//! `--ordered` makes every endpoint `ordered = true`: one event in flight
+//! per app, in the order sent (with `--apps N`, N orders side by side).
+//!
 //! `--apps N` spreads the events over N apps (one endpoint each, all on the
 //! sink), enqueued app by app: the fair scheduler then interleaves them.
 //! The endpoint and app caps are lifted to `--concurrency` so one app can use
@@ -121,6 +124,10 @@ struct Args {
     /// instead of lifting them to --concurrency.
     #[arg(long)]
     default_caps: bool,
+    /// Make every app's endpoint `ordered = true` (one event in flight per
+    /// app, in order).
+    #[arg(long)]
+    ordered: bool,
 }
 
 /// The id of app `i` of `n`.
@@ -559,17 +566,19 @@ fn bench_settings(args: &Args, prefix: &str, sink_url: &str) -> anyhow::Result<S
             r#"
 [[apps]]
 id = "{id}"
-key = "bench-key"
+key = "{id}-key"
 secret = "bench-secret-0123456789abcdef"
 ingest_token = "bench-token"
 
 [[apps.webhooks]]
 url = {sink}
 scheme = "pusher"
+ordered = {ordered}
 {chain}
 "#,
             id = app_id(i, args.apps),
             sink = toml_str(sink_url),
+            ordered = args.ordered,
         ));
     }
     let text = format!(
