@@ -29,8 +29,8 @@ use tokio::sync::Notify;
 
 use super::entry::DeadLetter;
 use super::{
-    Completion, Depth, Effect, EndpointStatus, Idempotency, Leased, QueueError, QueueOptions,
-    StateChange, TakeRequest, Taken, Tenancy,
+    Committed, Completion, Depth, Effect, EndpointStatus, Idempotency, Leased, QueueError,
+    QueueOptions, StateChange, TakeRequest, Taken, Tenancy,
 };
 use crate::breaker::{Breaker, Signal, State as BreakerState};
 use crate::event::{Job, now_ms};
@@ -204,6 +204,8 @@ struct State {
     idempotency: HashMap<(String, String), Claim>,
     /// An app joined the ring since the doorbell last rang.
     joined: bool,
+    /// A commit ended the lease an ordered endpoint or new events waited on.
+    freed: bool,
 }
 
 /// Room left for this take, per app and per endpoint: what the request said,
@@ -837,7 +839,7 @@ impl State {
                     && a.intake_lease.as_deref() == Some(lease)
                 {
                     a.intake_lease = None;
-                    self.joined = true;
+                    self.freed = true;
                 }
             }
             Some(ep) => {
@@ -845,8 +847,7 @@ impl State {
                 if e.order_lease.as_deref() == Some(lease) {
                     e.order_lease = None;
                     self.end_hold(app, ep);
-                    // Idle workers learn that the next one may go.
-                    self.joined = true;
+                    self.freed = true;
                 }
             }
         }
@@ -1052,14 +1053,14 @@ impl MemoryQueue {
         Ok(taken)
     }
 
-    pub(super) async fn commit(
-        &self,
-        completions: &[Completion],
-    ) -> Result<Vec<StateChange>, QueueError> {
+    pub(super) async fn commit(&self, completions: &[Completion]) -> Result<Committed, QueueError> {
         let mut state = self.lock();
         let changes = state.commit(&self.options, completions, now_ms());
         self.ring_if_joined(&mut state);
-        Ok(changes)
+        Ok(Committed {
+            changes,
+            freed: std::mem::take(&mut state.freed),
+        })
     }
 
     pub(super) fn doorbell(&self) -> Arc<Notify> {
@@ -1521,6 +1522,10 @@ mod tests {
             }],
             T0,
         );
+        assert!(
+            std::mem::take(&mut s.freed),
+            "the commit says it freed the endpoint"
+        );
         assert!(take(&mut s, 10, T0 + 50).jobs.is_empty(), "held until due");
         let retry = take(&mut s, 10, T0 + 100);
         assert_eq!(ids(&retry), ["a/e/0"], "the failed job first, again");
@@ -1551,6 +1556,7 @@ mod tests {
             vec![Effect::Enqueue(job("a", Some("e"), 0))],
             T0,
         );
+        assert!(s.freed, "the commit says it freed the app's new events");
         let mut next = ids(&take(&mut s, 10, T0));
         next.sort();
         assert_eq!(
@@ -1885,7 +1891,7 @@ mod tests {
             }])
             .await
             .unwrap();
-        assert_eq!(changes, [change("a", "e", BreakerState::Disabled)]);
+        assert_eq!(changes.changes, [change("a", "e", BreakerState::Disabled)]);
         assert_eq!(q.stats().await.unwrap().get("dead"), Some(&1));
 
         let dead = q.dead_letters(10).await.unwrap();

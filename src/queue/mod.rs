@@ -263,6 +263,16 @@ pub struct EndpointStatus {
     pub rate_limited_waits: u64,
 }
 
+/// What a commit did besides recording outcomes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Committed {
+    /// Breakers that changed state (for the log).
+    pub changes: Vec<StateChange>,
+    /// It ended the lease an ordered endpoint (or its app's new events)
+    /// waited on: the worker should take again now.
+    pub freed: bool,
+}
+
 /// A breaker that changed state in a commit (for the log).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StateChange {
@@ -373,11 +383,11 @@ impl Queue {
         dispatch!(self, q => q.take(request).await)
     }
 
-    /// Records outcomes and releases their leases, atomically; returns the
-    /// breakers that changed state.
-    pub async fn commit(&self, completions: &[Completion]) -> Result<Vec<StateChange>, QueueError> {
+    /// Records outcomes and releases their leases, atomically; says which
+    /// breakers changed state and whether ordered work was freed.
+    pub async fn commit(&self, completions: &[Completion]) -> Result<Committed, QueueError> {
         if completions.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Committed::default());
         }
         dispatch!(self, q => q.commit(completions).await)
     }

@@ -117,8 +117,13 @@ pub async fn run(
     }
 
     let (done_tx, done_rx) = mpsc::channel::<Completion>(settings.queues.concurrency * 2 + BATCH);
-    let committer = tokio::spawn(commit_loop(ctx.clone(), done_rx, shutdown.clone()));
     let wake = Arc::new(Notify::new());
+    let committer = tokio::spawn(commit_loop(
+        ctx.clone(),
+        done_rx,
+        wake.clone(),
+        shutdown.clone(),
+    ));
     let helpers = TaskTracker::new();
     helpers.spawn(doorbell_loop(ctx.clone(), wake.clone(), shutdown.clone()));
     if let Queue::Redis(redis) = &ctx.queue {
@@ -371,6 +376,7 @@ fn count_outcomes(batch: &[Completion]) {
 async fn commit_loop(
     ctx: Arc<Context>,
     mut done: mpsc::Receiver<Completion>,
+    wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
@@ -393,9 +399,14 @@ async fn commit_loop(
         let mut stopping_since: Option<tokio::time::Instant> = None;
         loop {
             match ctx.queue.commit(&batch).await {
-                Ok(changes) => {
+                Ok(committed) => {
                     count_outcomes(&batch);
-                    for c in changes {
+                    // The next job of an ordered endpoint (or new event of
+                    // its app) may go: this worker takes it.
+                    if committed.freed {
+                        wake.notify_one();
+                    }
+                    for c in committed.changes {
                         crate::metrics::breaker_transition(c.state.name());
                         let what = match c.state {
                             State::Closed => "circuit closed: the endpoint answers again",

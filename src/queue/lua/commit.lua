@@ -10,7 +10,8 @@
 --                                  slow (arg: ms), off (arg: reason))
 -- then n, and (app, endpoint, successes) triples: successes not followed by
 -- another signal of the same endpoint in this batch.
--- Returns breaker changes: app, endpoint, state triples.
+-- Returns '1' if it freed an ordered endpoint or an app's new events ('0'
+-- if not), then breaker changes: app, endpoint, state triples.
 local r, mr, win, consec, cool, max_cool, disable =
   string.match(ARGV[3], '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
 r, mr, win, consec = tonumber(r), tonumber(mr), tonumber(win), tonumber(consec)
@@ -181,4 +182,5 @@ for _ = 1, tonumber(ARGV[i]) do
   i = i + 3
 end
 for name, count in pairs(counts) do redis.call('HINCRBY', STATS, name, count) end
+table.insert(changes, 1, freed and '1' or '0')
 return changes

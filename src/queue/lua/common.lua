@@ -177,20 +177,22 @@ local function unhold(app, ep)
 end
 
 -- A lease that ends (committed) frees what it held in order: the next job of
--- an ordered endpoint, or the next new event of its app.
+-- an ordered endpoint, or the next new event of its app. The commit says so
+-- to the worker that made it, which takes again (no fleet-wide doorbell per
+-- ordered event).
+local freed = false
 local function release_order(lease)
   local _, app, part = lease_parts(lease)
   local k = ep_key(app, part)
   if part == '' then
     if redis.call('HGET', k, 'ilease') == lease then
       redis.call('HDEL', k, 'ilease')
-      ring()
+      freed = true
     end
   elseif redis.call('HGET', k, 'olease') == lease then
     redis.call('HDEL', k, 'olease')
     unhold(app, part)
-    -- Workers idle since the take that found it held learn of the next.
-    ring()
+    freed = true
   end
 end
 

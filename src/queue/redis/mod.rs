@@ -26,8 +26,8 @@ use self::link::{Conn, Link};
 use super::entry::{self, DEAD_FIELD, DeadLetter, Entry, JOB_FIELD};
 use super::keys::shard_of;
 use super::{
-    Completion, Depth, Effect, EndpointStatus, GROUP, IDEMPOTENCY_CLAIM, Idempotency, Keys, Leased,
-    QueueError, QueueOptions, StateChange, TakeRequest, Taken, Tenancy,
+    Committed, Completion, Depth, Effect, EndpointStatus, GROUP, IDEMPOTENCY_CLAIM, Idempotency,
+    Keys, Leased, QueueError, QueueOptions, StateChange, TakeRequest, Taken, Tenancy,
 };
 use crate::breaker::{Signal, State};
 use crate::event::Job;
@@ -344,10 +344,7 @@ impl RedisQueue {
 
     /// Commits each shard's completions (a lease names its shard) with one
     /// script call per shard.
-    pub(super) async fn commit(
-        &self,
-        completions: &[Completion],
-    ) -> Result<Vec<StateChange>, QueueError> {
+    pub(super) async fn commit(&self, completions: &[Completion]) -> Result<Committed, QueueError> {
         let mut by_shard: BTreeMap<usize, Vec<(&str, &Completion)>> = BTreeMap::new();
         for c in completions {
             // A lease that names no shard of ours was never handed out: shard
@@ -357,18 +354,20 @@ impl RedisQueue {
                 .unwrap_or((0, c.lease.as_str()));
             by_shard.entry(shard).or_default().push((lease, c));
         }
-        let mut changes = Vec::new();
+        let mut all = Committed::default();
         for (shard, part) in by_shard {
-            changes.extend(self.commit_shard(&self.shards[shard], &part).await?);
+            let one = self.commit_shard(&self.shards[shard], &part).await?;
+            all.changes.extend(one.changes);
+            all.freed |= one.freed;
         }
-        Ok(changes)
+        Ok(all)
     }
 
     async fn commit_shard(
         &self,
         keys: &Keys,
         completions: &[(&str, &Completion)],
-    ) -> Result<Vec<StateChange>, QueueError> {
+    ) -> Result<Committed, QueueError> {
         let b = &self.options.breaker;
         let mut inv = self.invoke(&self.scripts.commit, keys);
         inv.arg(format!(
@@ -451,7 +450,10 @@ impl RedisQueue {
             inv.arg(app).arg(endpoint).arg(n);
         }
         let reply: Vec<String> = inv.invoke_async(&mut self.conn()).await?;
-        Ok(reply
+        let Some((freed, reply)) = reply.split_first() else {
+            return Err(QueueError::Corrupt("empty commit reply".into()));
+        };
+        let changes = reply
             .chunks_exact(3)
             .map(|c| StateChange {
                 app: c[0].clone(),
@@ -462,7 +464,11 @@ impl RedisQueue {
                     State::parse(&c[2])
                 },
             })
-            .collect())
+            .collect();
+        Ok(Committed {
+            changes,
+            freed: freed == "1",
+        })
     }
 
     pub(super) async fn doorbell(&self) -> Result<RedisDoorbell, QueueError> {
