@@ -576,9 +576,10 @@ async fn soketi_webhooks_are_accepted_and_their_events_delivered_as_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_soketi_webhooks_are_refused_and_enqueue_nothing() {
     let redis = RedisServer::start();
+    let p = prefix("soketi-bad");
     let text = config(
         Some(&redis.url),
-        &prefix("soketi-bad"),
+        &p,
         "127.0.0.1:0",
         &pusher_app("http://127.0.0.1:9/unused"),
     );
@@ -657,5 +658,15 @@ async fn bad_soketi_webhooks_are_refused_and_enqueue_nothing() {
     assert_eq!(again, first, "the first answer");
     assert_eq!(headers["idempotent-replayed"], "true");
     assert_eq!(q.depth().await.unwrap().ready, 1, "stored once");
+    // What the replay check keeps: one key per accepted webhook, none for
+    // refused ones, each gone after twice the window (5 min by default).
+    let mut conn = redis.conn();
+    let kept: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{p}:{{idem:app-1}}:*"))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let ttl: i64 = redis::cmd("PTTL").arg(&kept[0]).query(&mut conn).unwrap();
+    assert!(ttl > 0 && ttl <= 600_000, "{ttl}");
     wh.shutdown().await;
 }
