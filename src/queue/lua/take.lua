@@ -195,7 +195,8 @@ local function turn(app, budget)
       -- An app this worker has nothing of in flight: one endpoint's cap.
       local room = intake_room[app] or d_epcap
       local ik, lease = ep_key(app, ''), nil
-      if redis.call('HEXISTS', CONF, 'o:' .. app) == 1 then
+      local ordered = redis.call('HEXISTS', CONF, 'o:' .. app) == 1
+      if ordered then
         -- It has an ordered endpoint: one new event at a time, fleet-wide,
         -- so that they reach its partitions in the order they came.
         local held = redis.call('HGET', ik, 'ilease')
@@ -205,7 +206,7 @@ local function turn(app, budget)
       if n > 0 then
         intake = true
         intake_room[app] = room - n
-        if redis.call('HEXISTS', CONF, 'o:' .. app) == 1 then redis.call('HSET', ik, 'ilease', lease) end
+        if ordered then redis.call('HSET', ik, 'ilease', lease) end
       end
     else
       n = take_endpoint(app, part, budget)
