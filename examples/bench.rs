@@ -21,6 +21,10 @@
 //! `--ordered` makes every endpoint `ordered = true`: one event in flight
 //! per app, in the order sent (with `--apps N`, N orders side by side).
 //!
+//! `--batch N` batches every endpoint (`max_events = N`): the sink counts
+//! the events in each request, and its latency is then from the batch's
+//! making (its `time_ms`), not the event's enqueue.
+//!
 //! `--apps N` spreads the events over N apps (one endpoint each, all on the
 //! sink), enqueued app by app: the fair scheduler then interleaves them.
 //! The endpoint and app caps are lifted to `--concurrency` so one app can use
@@ -128,6 +132,10 @@ struct Args {
     /// app, in order).
     #[arg(long)]
     ordered: bool,
+    /// Batch every app's endpoint: `batch = { max_events = N, max_wait = "1s" }`
+    /// (the sink counts the events in each request).
+    #[arg(long)]
+    batch: Option<usize>,
 }
 
 /// The id of app `i` of `n`.
@@ -574,11 +582,15 @@ ingest_token = "bench-token"
 url = {sink}
 scheme = "pusher"
 ordered = {ordered}
+{batch}
 {chain}
 "#,
             id = app_id(i, args.apps),
             sink = toml_str(sink_url),
             ordered = args.ordered,
+            batch = args.batch.map_or(String::new(), |n| format!(
+                "batch = {{ max_events = {n}, max_wait = \"1s\" }}"
+            )),
         ));
     }
     let text = format!(
@@ -728,6 +740,13 @@ fn start_sink(target: u64) -> anyhow::Result<Sink> {
 }
 
 async fn receive(State(s): State<Arc<SinkState>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    // A batch carries several events, each starting with its name.
+    let pattern = format!("{{\"name\":\"{QUEUE}\"");
+    let events = body
+        .windows(pattern.len())
+        .filter(|w| *w == pattern.as_bytes())
+        .count()
+        .max(1) as u64;
     let now = now_ms();
     let latency = match leading_time_ms(&body) {
         Some(t) if headers.contains_key("x-pusher-signature") => {
@@ -749,14 +768,15 @@ async fn receive(State(s): State<Arc<SinkState>>, headers: HeaderMap, body: Byte
         if timeline.len() <= second {
             timeline.resize(second + 1, (0, 0));
         }
-        timeline[second].0 += 1;
+        timeline[second].0 += events;
         timeline[second].1 = timeline[second].1.max(latency);
     }
-    let seen = s.count.fetch_add(1, Ordering::Relaxed) + 1;
-    if seen == 1 {
+    let before = s.count.fetch_add(events, Ordering::Relaxed);
+    let seen = before + events;
+    if before == 0 {
         let _ = s.first.set(Instant::now());
     }
-    if seen == s.target {
+    if before < s.target && seen >= s.target {
         let _ = s.last.set(Instant::now());
         s.done.notify_one();
     }

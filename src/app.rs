@@ -89,8 +89,32 @@ pub struct Endpoint {
     /// failing event holds back the later ones until it is delivered or
     /// dead-lettered.
     pub ordered: bool,
+    /// Its events are delivered in batches.
+    pub batch: Option<Batching>,
     /// The endpoint's chain: runs on every attempt, after routing.
     pub plugins: Vec<PluginRef>,
+}
+
+/// How an endpoint's events are batched: the events of one app for one
+/// endpoint go in one request once `max_events` wait, or `max_wait` after a
+/// worker first saw them waiting; never more than `max_bytes` of events (as
+/// stored) in one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    pub max_events: usize,
+    pub max_wait: Duration,
+    pub max_bytes: usize,
+}
+
+impl Batching {
+    pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
+    pub const DEFAULT_MAX_BYTES: usize = 1 << 20;
+    /// Most events in one batch.
+    pub const MAX_EVENTS: usize = 1000;
+    /// Longest a batch may wait to fill.
+    pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+    /// Smallest and largest `max_batch_bytes`.
+    pub const BYTES_RANGE: (usize, usize) = (1024, 64 << 20);
 }
 
 /// A plugin in a chain, with this app's configuration for it.

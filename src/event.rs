@@ -94,8 +94,19 @@ pub struct Attempt {
 }
 
 /// The unit of work on a queue.
+///
+/// A **batch** is a job too: the events of one app for one batched endpoint,
+/// sent in one request. Its `batch` holds the member jobs (each with its own
+/// webhook id); its own `id` is the batch's webhook id, its `attempt` and
+/// `history` are the batch's, and its `event` is a placeholder named
+/// [`BATCH_EVENT`]. The queue makes batches when it hands out a batched
+/// endpoint's jobs; a batch keeps its members on every retry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
+    /// First when serialized: the queue recognises a stored batch by its
+    /// first bytes (`{"batch":[`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub batch: Vec<Job>,
     /// The webhook id (`webhook-id`): stable across every retry and replay.
     pub id: String,
     pub app_id: String,
@@ -121,10 +132,14 @@ pub struct Job {
     pub metadata: Vec<(String, String)>,
 }
 
+/// The placeholder event name of a batch job.
+pub const BATCH_EVENT: &str = "batch";
+
 impl Job {
     /// A new job with a fresh webhook id.
     pub fn new(app_id: impl Into<String>, event: Event, created_ms: u64) -> Job {
         Job {
+            batch: Vec::new(),
             id: new_webhook_id(),
             app_id: app_id.into(),
             event,
@@ -135,6 +150,34 @@ impl Job {
             headers: Vec::new(),
             metadata: Vec::new(),
         }
+    }
+
+    /// A batch of `members` (jobs of one app for one endpoint), with the
+    /// webhook id `id`, made at `created_ms`.
+    pub fn batch_of(id: String, endpoint: &str, members: Vec<Job>, created_ms: u64) -> Job {
+        let app_id = members
+            .first()
+            .map(|m| m.app_id.clone())
+            .unwrap_or_default();
+        Job {
+            batch: members,
+            endpoint: Some(endpoint.to_string()),
+            id,
+            ..Job::new(
+                app_id,
+                Event {
+                    name: BATCH_EVENT.to_string(),
+                    channel: None,
+                    fields: Map::new(),
+                },
+                created_ms,
+            )
+        }
+    }
+
+    /// Whether this job is a batch of others.
+    pub fn is_batch(&self) -> bool {
+        !self.batch.is_empty()
     }
 
     /// The same delivery aimed at one endpoint.

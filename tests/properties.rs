@@ -102,6 +102,7 @@ fn job() -> impl Strategy<Value = Job> {
         .prop_map(
             |((id, app_id, event, created_ms), (attempt, endpoint, history, headers, metadata))| {
                 Job {
+                    batch: Vec::new(),
                     id,
                     app_id,
                     event,

@@ -328,6 +328,10 @@ pub struct RawWebhook {
     /// Deliver its events one at a time, in the order the app sent them.
     #[serde(default)]
     pub ordered: bool,
+    /// Deliver its events in batches: `{ max_events = 100, max_wait = "1s" }`.
+    pub batch: Option<RawBatch>,
+    /// Largest batch, counted on the events as stored (only with `batch`).
+    pub max_batch_bytes: Option<usize>,
     /// The endpoint's chain: on every attempt, after routing.
     #[serde(default)]
     pub plugins: Vec<RawPluginRef>,
@@ -335,6 +339,14 @@ pub struct RawWebhook {
     pub lambda_function: Option<toml::Value>,
     /// soketi's AWS Lambda options: recognised so they can be refused clearly.
     pub lambda: Option<toml::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatch {
+    pub max_events: usize,
+    #[serde(default, with = "duration")]
+    pub max_wait: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use super::Problem;
 use super::raw::{LogFormat, RawApp, RawConfig, RawWebhook, SchemeName};
 use super::raw::{RawPluginRef, RawWasm};
-use crate::app::{App, Apps, Endpoint, PluginRef, Scheme, Secret};
+use crate::app::{App, Apps, Batching, Endpoint, PluginRef, Scheme, Secret};
 use crate::breaker::BreakerSettings;
 use crate::delivery::retry::RetryPolicy;
 use crate::delivery::{Egress, ProxySettings};
@@ -346,13 +346,18 @@ pub fn tenancy(queues: &QueueSettings, delivery: &DeliverySettings, apps: &Apps)
             t.apps.push((app.id.clone(), app.weight, app.max_in_flight));
         }
         for e in &app.endpoints {
-            if e.max_in_flight != delivery.max_in_flight || e.rate_limit.is_some() || e.ordered {
+            if e.max_in_flight != delivery.max_in_flight
+                || e.rate_limit.is_some()
+                || e.ordered
+                || e.batch.is_some()
+            {
                 t.endpoints.push(EndpointTenancy {
                     app: app.id.clone(),
                     endpoint: e.id.clone(),
                     max_in_flight: e.max_in_flight,
                     rate_limit: e.rate_limit,
                     ordered: e.ordered,
+                    batch: e.batch,
                 });
             }
         }
@@ -1086,6 +1091,7 @@ fn build_endpoint(
             "only with a `rate_limit`",
         );
     }
+    let batch = batching(c, &path, w);
     let filter = w.filter.clone().unwrap_or_default();
     let chain = build_chain(c, &format!("{path}.plugins"), &w.plugins, plugins);
     if c.0.len() > before {
@@ -1106,7 +1112,47 @@ fn build_endpoint(
         max_in_flight,
         rate_limit,
         ordered: w.ordered,
+        batch,
         plugins: chain,
+    })
+}
+
+/// An endpoint's `batch` and `max_batch_bytes`.
+fn batching(c: &mut Check, path: &str, w: &RawWebhook) -> Option<Batching> {
+    let Some(b) = &w.batch else {
+        if w.max_batch_bytes.is_some() {
+            c.fail(format!("{path}.max_batch_bytes"), "only with a `batch`");
+        }
+        return None;
+    };
+    if b.max_events == 0 || b.max_events > Batching::MAX_EVENTS {
+        c.fail(
+            format!("{path}.batch.max_events"),
+            format!("must be 1 to {}", Batching::MAX_EVENTS),
+        );
+    }
+    let max_wait = b.max_wait.unwrap_or(Batching::DEFAULT_MAX_WAIT);
+    if max_wait > Batching::MAX_WAIT {
+        c.fail(format!("{path}.batch.max_wait"), "must be at most 1h");
+    }
+    let max_bytes = w.max_batch_bytes.unwrap_or(Batching::DEFAULT_MAX_BYTES);
+    let (lo, hi) = Batching::BYTES_RANGE;
+    if !(lo..=hi).contains(&max_bytes) {
+        c.fail(
+            format!("{path}.max_batch_bytes"),
+            format!("must be {lo} to {hi} bytes"),
+        );
+    }
+    if w.ordered {
+        c.fail(
+            format!("{path}.batch"),
+            "an endpoint is either `ordered` or batched, not both",
+        );
+    }
+    Some(Batching {
+        max_events: b.max_events,
+        max_wait,
+        max_bytes,
     })
 }
 

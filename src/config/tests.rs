@@ -299,6 +299,59 @@ fn weights_caps_and_rate_limits_reach_the_queue() {
 }
 
 #[test]
+fn a_batched_endpoint_reaches_the_queue_and_its_bounds_are_checked() {
+    let s =
+        load(&(APP.to_string() + "batch = { max_events = 50, max_wait = \"250ms\" }\n")).unwrap();
+    let t = s.tenancy();
+    let b = t.endpoints[0].batch.expect("batched");
+    assert_eq!(
+        (b.max_events, b.max_wait, b.max_bytes),
+        (50, std::time::Duration::from_millis(250), 1 << 20)
+    );
+    let s =
+        load(&(APP.to_string() + "batch = { max_events = 5 }\nmax_batch_bytes = 4096\n")).unwrap();
+    let b = s.tenancy().endpoints[0].batch.unwrap();
+    assert_eq!(
+        (b.max_wait, b.max_bytes),
+        (std::time::Duration::from_secs(1), 4096)
+    );
+    for (extra, want) in [
+        (
+            "batch = { max_events = 0 }\n",
+            "webhooks[1].batch.max_events: must be 1 to 1000",
+        ),
+        (
+            "batch = { max_events = 1001 }\n",
+            "webhooks[1].batch.max_events: must be 1 to 1000",
+        ),
+        (
+            "batch = { max_events = 5, max_wait = \"2h\" }\n",
+            "webhooks[1].batch.max_wait: must be at most 1h",
+        ),
+        (
+            "batch = { max_events = 5 }\nmax_batch_bytes = 10\n",
+            "webhooks[1].max_batch_bytes: must be 1024 to 67108864 bytes",
+        ),
+        (
+            "max_batch_bytes = 4096\n",
+            "webhooks[1].max_batch_bytes: only with a `batch`",
+        ),
+        (
+            "batch = { max_events = 5 }\nordered = true\n",
+            "webhooks[1].batch: an endpoint is either `ordered` or batched",
+        ),
+        (
+            "batch = { max_events = 5, size = 3 }\n",
+            "unknown field `size`",
+        ),
+    ] {
+        let err = load(&(APP.to_string() + extra)).unwrap_err();
+        let text: Vec<String> = err.problems.iter().map(ToString::to_string).collect();
+        assert!(text.iter().any(|p| p.contains(want)), "{extra}: {text:?}");
+    }
+}
+
+#[test]
 fn bad_scheduling_values_are_named() {
     let problems = |extra_app: &str, extra_ep: &str, top: &str| {
         let text = format!(

@@ -305,6 +305,7 @@ mod tests {
             max_in_flight: 16,
             rate_limit: None,
             ordered: false,
+            batch: None,
             plugins: vec![],
         })
     }

@@ -42,6 +42,9 @@ pub struct Malformed {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WireJob {
+    /// A batch's member jobs (made by the queue, never by a producer).
+    #[serde(default)]
+    batch: Vec<Box<serde_json::value::RawValue>>,
     id: Option<String>,
     app_id: String,
     event: Value,
@@ -108,7 +111,22 @@ pub fn decode(entry_id: &str, raw: Option<&[u8]>) -> Result<Job, Malformed> {
             "`created_ms` must be unix milliseconds before the year 10000".into(),
         ));
     }
+    let mut batch = Vec::with_capacity(wire.batch.len());
+    for member in &wire.batch {
+        let job = decode(entry_id, Some(member.get().as_bytes()))
+            .map_err(|m| malformed(format!("batch member: {}", m.reason)))?;
+        if job.is_batch() || job.app_id != wire.app_id || job.endpoint != wire.endpoint {
+            return Err(malformed(
+                "a batch member must be one job of the batch's app and endpoint".into(),
+            ));
+        }
+        batch.push(job);
+    }
+    if !batch.is_empty() && wire.endpoint.is_none() {
+        return Err(malformed("a batch needs an `endpoint`".into()));
+    }
     Ok(Job {
+        batch,
         id,
         app_id: wire.app_id,
         event,
@@ -251,6 +269,41 @@ mod tests {
         for bad in ["nope", "-1", "1-", "1-x", "client_event/1-0", ""] {
             assert!(!is_stream_id(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_batch_round_trips_and_holds_only_its_own_apps_jobs() {
+        let member = |app: &str| {
+            let mut job = Job::new(
+                app,
+                Event::from_json(serde_json::json!({"name": "x"})).unwrap(),
+                5,
+            );
+            job.endpoint = Some("ep".into());
+            job
+        };
+        let batch = Job::batch_of("batch_1".into(), "ep", vec![member("a"), member("a")], 9);
+        let text = encode(&batch);
+        assert!(
+            text.starts_with(r#"{"batch":["#),
+            "the queue knows a batch by its start: {text}"
+        );
+        let back = decode("1-0", Some(text.as_bytes())).unwrap();
+        assert_eq!(back, batch);
+        assert!(back.is_batch() && back.app_id == "a");
+
+        let mixed = Job::batch_of("batch_2".into(), "ep", vec![member("a"), member("b")], 9);
+        let m = decode("1-0", Some(encode(&mixed).as_bytes())).unwrap_err();
+        assert!(m.reason.contains("batch's app"), "{}", m.reason);
+        let nested = Job::batch_of("batch_3".into(), "ep", vec![batch.clone()], 9);
+        assert!(decode("1-0", Some(encode(&nested).as_bytes())).is_err());
+        let mut aimless = batch.clone();
+        aimless.endpoint = None;
+        aimless.batch.iter_mut().for_each(|m| m.endpoint = None);
+        let m = decode("1-0", Some(encode(&aimless).as_bytes())).unwrap_err();
+        assert!(m.reason.contains("endpoint"), "{}", m.reason);
+        let m = decode("1-0", Some(br#"{"batch":[{"app_id":"a"}],"app_id":"a","endpoint":"ep","event":{"name":"batch"}}"#)).unwrap_err();
+        assert!(m.reason.starts_with("batch member"), "{}", m.reason);
     }
 
     #[test]

@@ -32,6 +32,7 @@ use super::{
     Committed, Completion, Depth, Effect, EndpointStatus, Idempotency, Leased, QueueError,
     QueueOptions, StateChange, TakeRequest, Taken, Tenancy,
 };
+use crate::app::Batching;
 use crate::breaker::{Breaker, Signal, State as BreakerState};
 use crate::event::{Job, now_ms};
 use crate::ratelimit::{self, RateLimit};
@@ -58,6 +59,8 @@ struct Limits {
     ordered: HashSet<(String, String)>,
     /// Apps with an ordered endpoint: their new events one at a time.
     ordered_apps: HashSet<String>,
+    /// (app, endpoint) of batched endpoints.
+    batched: HashMap<(String, String), Batching>,
 }
 
 impl Default for Limits {
@@ -71,6 +74,7 @@ impl Default for Limits {
             endpoints: HashMap::new(),
             ordered: HashSet::new(),
             ordered_apps: HashSet::new(),
+            batched: HashMap::new(),
         }
     }
 }
@@ -104,6 +108,11 @@ impl Limits {
             endpoints,
             ordered,
             ordered_apps,
+            batched: tenancy
+                .endpoints
+                .iter()
+                .filter_map(|e| Some(((e.app.clone(), e.endpoint.clone()), e.batch?)))
+                .collect(),
         }
     }
 
@@ -144,6 +153,9 @@ struct Endpoint {
     probe: Option<String>,
     /// Ordered: the lease of its one job in flight.
     order_lease: Option<String>,
+    /// Batched: when the jobs waiting go even if they are fewer than a batch
+    /// (set by the take that first found them waiting).
+    batch_due: Option<u64>,
     /// The rate limiter's theoretical arrival time.
     tat: Option<f64>,
     /// Times a take held it for its rate limit.
@@ -599,6 +611,32 @@ impl State {
         // Never ask the rate limiter for more than waits: it would charge for
         // requests that are not sent.
         let mut want = budget.min(room).min(self.waiting(app, &part));
+        let batching = self
+            .limits
+            .batched
+            .get(&(app.to_string(), endpoint.to_string()))
+            .copied();
+        if let Some(b) = batching {
+            let e = self.endpoint_mut(app, endpoint);
+            // Full batches go at once; fewer events `max_wait` after a take
+            // first found them waiting (or to a probe, or to be dead-lettered
+            // by a disabled endpoint); a stored batch goes at once.
+            let flush = !matches!(e.breaker.state, BreakerState::Closed)
+                || e.batch_due.is_some_and(|d| d <= now);
+            let due = e.batch_due;
+            let head_is_batch = self
+                .apps
+                .get(app)
+                .and_then(|a| a.parts.get(&part)?.front())
+                .is_some_and(Job::is_batch);
+            if !flush && !head_is_batch && self.waiting(app, &part) < b.max_events {
+                let due = due.unwrap_or_else(|| now.saturating_add(millis(b.max_wait)));
+                self.endpoint_mut(app, endpoint).batch_due = Some(due);
+                self.set_hold(app, endpoint, due);
+                return 0;
+            }
+            want = want.min(self.form_batches(app, endpoint, want, b, now, flush));
+        }
         let ordered = self.limits.is_ordered(app, endpoint);
         if ordered {
             // One job in flight fleet-wide; held until its outcome is in.
@@ -668,8 +706,63 @@ impl State {
             self.endpoint_mut(app, endpoint).order_lease = lease;
             self.set_hold(app, endpoint, now.saturating_add(millis(options.lease)));
         }
+        if batching.is_some() && self.waiting(app, &part) == 0 {
+            self.endpoint_mut(app, endpoint).batch_due = None;
+        }
         *rooms.endpoint(app, endpoint, cap) -= n;
         n
+    }
+
+    /// Makes up to `n` batches at the front of a batched endpoint's
+    /// partition (as the Redis script does) and returns how many there are: a
+    /// stored batch stays as it is; else the jobs at the front, up to
+    /// `max_events` and `max_bytes` (as stored, each counted 64 bytes
+    /// longer), become one, unless they are fewer than `max_events` and not
+    /// to be flushed.
+    fn form_batches(
+        &mut self,
+        app: &str,
+        endpoint: &str,
+        n: usize,
+        b: Batching,
+        now: u64,
+        flush: bool,
+    ) -> usize {
+        let part = Some(endpoint.to_string());
+        let Some(queue) = self.apps.get_mut(app).and_then(|a| a.parts.get_mut(&part)) else {
+            return 0;
+        };
+        let mut formed = Vec::new();
+        while formed.len() < n {
+            match queue.front() {
+                None => break,
+                Some(job) if job.is_batch() => {
+                    formed.extend(queue.pop_front());
+                    continue;
+                }
+                Some(_) if !flush && queue.len() < b.max_events => break,
+                Some(_) => {}
+            }
+            let (mut members, mut size) = (Vec::new(), 256);
+            while members.len() < b.max_events
+                && let Some(next) = queue.front()
+                && !next.is_batch()
+            {
+                let len = super::entry::encode(next).len() + 64;
+                if !members.is_empty() && size + len > b.max_bytes {
+                    break;
+                }
+                size += len;
+                members.extend(queue.pop_front());
+            }
+            let id = format!("batch_{}", ulid::Ulid::new());
+            formed.push(Job::batch_of(id, endpoint, members, now));
+        }
+        let count = formed.len();
+        for job in formed.into_iter().rev() {
+            queue.push_front(job);
+        }
+        count
     }
 
     /// Pops up to `n` jobs from the front of a partition and leases them.
@@ -1395,6 +1488,7 @@ mod tests {
             max_in_flight: 1,
             rate_limit: None,
             ordered: false,
+            batch: None,
         }];
         s.configure(&t);
         for app in ["a", "b"] {
@@ -1486,6 +1580,127 @@ mod tests {
         assert_eq!(s.depth(T0 + 5000).delayed, 0);
     }
 
+    fn batched(app: &str, endpoint: &str, max_events: usize, max_bytes: usize) -> Tenancy {
+        let mut t = tenancy(8);
+        t.endpoints = vec![EndpointTenancy {
+            app: app.into(),
+            endpoint: endpoint.into(),
+            max_in_flight: 1000,
+            rate_limit: None,
+            ordered: false,
+            batch: Some(Batching {
+                max_events,
+                max_wait: Duration::from_secs(1),
+                max_bytes,
+            }),
+        }];
+        t
+    }
+
+    fn members(taken: &Taken) -> Vec<Vec<String>> {
+        taken
+            .jobs
+            .iter()
+            .map(|l| {
+                let job = l.job.as_ref().unwrap();
+                job.batch.iter().map(|m| m.id.clone()).collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batched_endpoint_waits_for_a_batch_or_its_max_wait() {
+        let mut s = State::default();
+        s.configure(&batched("a", "e", 3, 1 << 20));
+        s.enqueue("a", &jobs("a", Some("e"), 2));
+        // Fewer than a batch: held until max_wait after this take.
+        let t = take(&mut s, 10, T0);
+        assert!(t.jobs.is_empty());
+        assert_eq!(t.next_due, Some(Duration::from_secs(1)));
+        // A third makes a batch: still held (the hold ends it), then all go.
+        s.enqueue("a", &[job("a", Some("e"), 2)]);
+        assert!(take(&mut s, 10, T0 + 999).jobs.is_empty());
+        let t = take(&mut s, 10, T0 + 1000);
+        assert_eq!(members(&t), [["a/e/0", "a/e/1", "a/e/2"]]);
+        let batch = t.jobs[0].job.as_ref().unwrap();
+        assert!(batch.id.starts_with("batch_"));
+        assert_eq!(batch.endpoint.as_deref(), Some("e"));
+        // Seven more: two full batches at once, the last one waits.
+        s.enqueue(
+            "a",
+            &(3..10).map(|n| job("a", Some("e"), n)).collect::<Vec<_>>(),
+        );
+        let t = take(&mut s, 10, T0 + 1001);
+        assert_eq!(
+            members(&t),
+            [["a/e/3", "a/e/4", "a/e/5"], ["a/e/6", "a/e/7", "a/e/8"]]
+        );
+        assert!(take(&mut s, 10, T0 + 1002).jobs.is_empty());
+        assert_eq!(members(&take(&mut s, 10, T0 + 2002)), [["a/e/9"]]);
+    }
+
+    #[test]
+    fn a_failed_batch_comes_back_whole_and_a_lapsed_one_too() {
+        let mut s = State::default();
+        s.configure(&batched("a", "e", 2, 1 << 20));
+        s.enqueue("a", &jobs("a", Some("e"), 3));
+        let t = take(&mut s, 1, T0);
+        let mut first = t.jobs[0].job.clone().unwrap();
+        assert_eq!(first.batch.len(), 2);
+        first.attempt = 1;
+        commit(
+            &mut s,
+            &t.jobs[0].lease,
+            vec![Effect::Schedule {
+                job: first.clone(),
+                delay_ms: 10,
+            }],
+            T0,
+        );
+        // Due again behind a/e/2: it goes as it was, not merged with it.
+        let t = take(&mut s, 10, T0 + 1000);
+        let again = t
+            .jobs
+            .iter()
+            .find(|l| l.job.as_ref().unwrap().id == first.id);
+        let again = again
+            .expect("the batch again, under its own id")
+            .job
+            .clone()
+            .unwrap();
+        assert_eq!(again.batch, first.batch);
+        assert_eq!(again.attempt, 1);
+        assert_eq!(members(&t).concat().len(), 3, "{:?}", members(&t));
+        // Its worker dies: after the lease the same batch goes again.
+        let lapsed = take(&mut s, 10, T0 + 1000 + 30_000);
+        assert!(
+            lapsed
+                .jobs
+                .iter()
+                .any(|l| l.job.as_ref().unwrap().id == first.id)
+        );
+    }
+
+    #[test]
+    fn a_batch_stops_at_its_byte_limit() {
+        let mut s = State::default();
+        let one = super::super::entry::encode(&job("a", Some("e"), 0)).len() + 64;
+        // Room for two jobs (and the envelope's 256), not three.
+        s.configure(&batched("a", "e", 100, 256 + 2 * one + 10));
+        s.enqueue("a", &jobs("a", Some("e"), 5));
+        let t = take(&mut s, 10, T0 + 5000);
+        assert!(t.jobs.is_empty(), "fewer than max_events: held first");
+        let t = take(&mut s, 10, T0 + 6000);
+        assert_eq!(
+            members(&t),
+            [
+                vec!["a/e/0", "a/e/1"],
+                vec!["a/e/2", "a/e/3"],
+                vec!["a/e/4"]
+            ]
+        );
+    }
+
     fn ordered(app: &str, endpoint: &str) -> Tenancy {
         let mut t = tenancy(8);
         t.endpoints = vec![EndpointTenancy {
@@ -1494,6 +1709,7 @@ mod tests {
             max_in_flight: 1000,
             rate_limit: None,
             ordered: true,
+            batch: None,
         }];
         t
     }
@@ -1665,6 +1881,7 @@ mod tests {
                 burst: 1,
             }),
             ordered: false,
+            batch: None,
         }];
         s.configure(&t);
         s.enqueue("a", &jobs("a", Some("e"), 5));

@@ -208,6 +208,8 @@ pub struct EndpointTenancy {
     /// One job in flight fleet-wide, in order; the app's new events are then
     /// taken one at a time, so that routing keeps their order.
     pub ordered: bool,
+    /// Its jobs are handed out in batches (one job carrying its members).
+    pub batch: Option<crate::app::Batching>,
 }
 
 /// How the queue behaves, fixed for its life.

@@ -90,17 +90,102 @@ pub fn body(endpoint: &Endpoint, job: &Job) -> Bytes {
     Bytes::from(bytes.expect("events always serialize"))
 }
 
+#[derive(Serialize)]
+struct PusherBatch<'a> {
+    time_ms: u64,
+    events: Vec<&'a Event>,
+}
+
+#[derive(Serialize)]
+struct StandardBatch<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    timestamp: String,
+    data: Vec<StandardItem<'a>>,
+}
+
+#[derive(Serialize)]
+struct StandardItem<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    timestamp: String,
+    data: &'a Event,
+}
+
+/// The body of a batch: `pusher`, one `{"time_ms", "events": [...]}` as
+/// Pusher batches; `standard`, an envelope of type `batch` whose `data` lists
+/// each event in its own envelope (with its webhook id); `raw`, a JSON array
+/// of the events. `created_ms` is the batch's, the same on every attempt.
+pub fn batch_body(endpoint: &Endpoint, created_ms: u64, members: &[Job]) -> Bytes {
+    let bytes = match endpoint.scheme {
+        Scheme::Pusher => serde_json::to_vec(&PusherBatch {
+            time_ms: created_ms,
+            events: members.iter().map(|j| &j.event).collect(),
+        }),
+        Scheme::Standard { .. } => serde_json::to_vec(&StandardBatch {
+            kind: crate::event::BATCH_EVENT,
+            timestamp: rfc3339_ms(created_ms),
+            data: members
+                .iter()
+                .map(|j| StandardItem {
+                    id: &j.id,
+                    kind: &j.event.name,
+                    timestamp: rfc3339_ms(j.created_ms),
+                    data: &j.event,
+                })
+                .collect(),
+        }),
+        Scheme::Raw { .. } => {
+            serde_json::to_vec(&members.iter().map(|j| &j.event).collect::<Vec<_>>())
+        }
+    };
+    Bytes::from(bytes.expect("events always serialize"))
+}
+
 /// Builds and signs the request for one attempt. `now_s` (unix seconds) is
 /// the attempt's `webhook-timestamp`.
 pub fn sign(app: &App, endpoint: &Endpoint, job: &Job, now_s: i64) -> SignedRequest {
-    let body = body(endpoint, job);
+    signed(
+        app,
+        endpoint,
+        &job.id,
+        &job.headers,
+        body(endpoint, job),
+        now_s,
+    )
+}
+
+/// Builds and signs the request for one attempt of a batch (`batch.id` is
+/// its webhook id) carrying `members` as the endpoint's chain left them.
+/// Headers plugins added to single events are not sent: one request carries
+/// many events.
+pub fn sign_batch(
+    app: &App,
+    endpoint: &Endpoint,
+    batch: &Job,
+    members: &[Job],
+    now_s: i64,
+) -> SignedRequest {
+    let body = batch_body(endpoint, batch.created_ms, members);
+    signed(app, endpoint, &batch.id, &[], body, now_s)
+}
+
+fn signed(
+    app: &App,
+    endpoint: &Endpoint,
+    id: &str,
+    extra: &[(String, String)],
+    body: Bytes,
+    now_s: i64,
+) -> SignedRequest {
     let mut headers = HeaderMap::with_capacity(endpoint.headers.len() + 5);
     for (name, value) in &endpoint.headers {
         headers.insert(name.clone(), value.clone());
     }
     // Headers plugins added. The ones the signer owns are never taken from
     // them, and the endpoint's configured headers win over theirs.
-    for (name, value) in &job.headers {
+    for (name, value) in extra {
         if is_reserved(name) {
             continue;
         }
@@ -122,12 +207,12 @@ pub fn sign(app: &App, endpoint: &Endpoint, job: &Job, now_s: i64) -> SignedRequ
         }
         Scheme::Raw { keys } if keys.is_empty() => {}
         Scheme::Standard { keys } | Scheme::Raw { keys } => {
-            insert(&mut headers, standard::ID_HEADER, &job.id);
+            insert(&mut headers, standard::ID_HEADER, id);
             insert(&mut headers, standard::TIMESTAMP_HEADER, &now_s.to_string());
             insert(
                 &mut headers,
                 standard::SIGNATURE_HEADER,
-                &standard::signature_header(keys, &job.id, now_s, &body),
+                &standard::signature_header(keys, id, now_s, &body),
             );
         }
     }
@@ -189,6 +274,7 @@ mod tests {
             max_in_flight: 16,
             rate_limit: None,
             ordered: false,
+            batch: None,
             plugins: vec![],
         }
     }
@@ -202,6 +288,54 @@ mod tests {
             created_ms: 1764201600000,
             ..Job::new("app-1", event, 0)
         }
+    }
+
+    #[test]
+    fn a_batch_is_one_body_in_each_schemes_shape_signed_under_the_batchs_id() {
+        let mut second = job();
+        second.id = "msg_2".into();
+        second.created_ms += 1;
+        let members = vec![job(), second];
+        let batch = Job::batch_of("batch_x".into(), "ep", members.clone(), 1764201600500);
+        let req = sign_batch(&app(), &endpoint(Scheme::Pusher), &batch, &members, 1);
+        assert_eq!(
+            &req.body[..],
+            br#"{"time_ms":1764201600500,"events":[{"name":"channel_occupied","channel":"private-orders"},{"name":"channel_occupied","channel":"private-orders"}]}"#
+        );
+        assert_eq!(
+            req.headers["x-pusher-signature"],
+            pusher::signature(b"app-secret", &req.body).as_str()
+        );
+        let keys =
+            vec![standard::StandardKey::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap()];
+        let req = sign_batch(
+            &app(),
+            &endpoint(Scheme::Standard { keys: keys.clone() }),
+            &batch,
+            &members,
+            7,
+        );
+        assert_eq!(req.headers["webhook-id"], "batch_x");
+        let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
+        assert_eq!(body["type"], "batch");
+        assert_eq!(body["timestamp"], "2025-11-27T00:00:00.500Z");
+        assert_eq!(body["data"][1]["id"], "msg_2");
+        assert_eq!(body["data"][1]["type"], "channel_occupied");
+        assert_eq!(body["data"][1]["timestamp"], "2025-11-27T00:00:00.001Z");
+        assert_eq!(body["data"][0]["data"]["channel"], "private-orders");
+        assert_eq!(
+            req.headers["webhook-signature"],
+            standard::signature_header(&keys, "batch_x", 7, &req.body).as_str()
+        );
+        let req = sign_batch(
+            &app(),
+            &endpoint(Scheme::Raw { keys: vec![] }),
+            &batch,
+            &members,
+            7,
+        );
+        let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
+        assert_eq!(body.as_array().map(Vec::len), Some(2));
     }
 
     #[test]

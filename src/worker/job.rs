@@ -64,7 +64,7 @@ pub(super) async fn process(
     drop(slot);
     Completion {
         lease: leased.lease,
-        effects,
+        effects: unbatch_letters(effects),
     }
 }
 
@@ -77,6 +77,9 @@ async fn run(ctx: &Context, job: Job, slot: &mut Slot, busy: &[String]) -> Vec<E
     };
     match job.endpoint.clone() {
         Some(endpoint_id) => match app.endpoint(&endpoint_id) {
+            Some(endpoint) if job.is_batch() => {
+                deliver_batch(ctx, &tenants, &app, endpoint.clone(), job).await
+            }
             Some(endpoint) => deliver(ctx, &tenants, &app, endpoint.clone(), job).await,
             None => {
                 warn!("job for an endpoint no longer configured dead-lettered");
@@ -139,8 +142,11 @@ async fn routed(
                 let (endpoint, aimed) = targets.pop().expect("one target");
                 let is_busy = busy.iter().any(|b| b == &endpoint.id);
                 // An ordered endpoint's events go through its partition, one
-                // at a time.
-                if !endpoint.ordered && slot.try_endpoint(&endpoint.id, is_busy) {
+                // at a time; a batched endpoint's, to be batched there.
+                if !endpoint.ordered
+                    && endpoint.batch.is_none()
+                    && slot.try_endpoint(&endpoint.id, is_busy)
+                {
                     deliver(ctx, tenants, app, endpoint, aimed).await
                 } else {
                     debug!(
@@ -244,6 +250,172 @@ async fn deliver(
     .await
 }
 
+/// One attempt of a batch: the endpoint's chain runs on each event (one it
+/// drops leaves the batch; one it fails on leaves it for a retry of its
+/// own), the events that do not fit `max_batch_bytes` after the chain go
+/// back to the front of the partition for the next batch, and the rest go
+/// in one request. A failed request retries the batch whole: the same
+/// members, the same webhook id.
+async fn deliver_batch(
+    ctx: &Context,
+    tenants: &Tenants,
+    app: &App,
+    endpoint: Arc<Endpoint>,
+    mut batch: Job,
+) -> Vec<Effect> {
+    let attempt = batch.attempt + 1;
+    let span = info_span!(
+        "attempt",
+        attempt,
+        endpoint = endpoint.id,
+        scheme = endpoint.scheme.name(),
+        events = batch.batch.len()
+    );
+    async {
+        let mut effects = Vec::new();
+        let (mut kept, mut prepared) = (Vec::new(), Vec::new());
+        for member in std::mem::take(&mut batch.batch) {
+            match tenants
+                .pipeline
+                .prepare(app, &endpoint, member.clone())
+                .await
+            {
+                Ok((Prepared::Deliver(p), skipped)) => {
+                    effects.extend((0..skipped).map(|_| Effect::Count(Stat::PluginSkipped)));
+                    kept.push(member);
+                    prepared.push(p);
+                }
+                Ok((Prepared::Dropped { stage, reason }, _)) => {
+                    info!(
+                        stage,
+                        reason,
+                        webhook_id = member.id,
+                        outcome = "dropped",
+                        "event dropped by the endpoint's chain"
+                    );
+                    effects.push(Effect::Count(Stat::Dropped));
+                }
+                Err(e) => {
+                    let failure = Failure::retryable(e.to_string());
+                    let attempt = member.attempt + 1;
+                    effects.extend(failed(&endpoint.retry, member, attempt, failure));
+                }
+            }
+        }
+        if prepared.is_empty() {
+            return effects;
+        }
+        let now = now_ms();
+        let max_bytes = endpoint.batch.map_or(usize::MAX, |b| b.max_bytes);
+        let mut request =
+            signing::sign_batch(app, &endpoint, &batch, &prepared, (now / 1000) as i64);
+        while request.body.len() > max_bytes && prepared.len() > 1 {
+            let keep = prepared.len() / 2;
+            prepared.truncate(keep);
+            for job in kept.split_off(keep).into_iter().rev() {
+                effects.push(Effect::Front { job, delay_ms: 0 });
+            }
+            request = signing::sign_batch(app, &endpoint, &batch, &prepared, (now / 1000) as i64);
+        }
+        let n = kept.len();
+        batch.batch = kept;
+        let started = std::time::Instant::now();
+        let result = ctx.deliverer.send(request, endpoint.timeout).await;
+        let elapsed = started.elapsed();
+        metrics::delivery_attempt(
+            elapsed,
+            match &result {
+                AttemptResult::Delivered { status } => Some(*status),
+                AttemptResult::Failed(f) => f.status,
+            },
+        );
+        let health = |signal| Effect::Health {
+            app: app.id.clone(),
+            endpoint: endpoint.id.clone(),
+            signal,
+        };
+        match result {
+            AttemptResult::Delivered { status } => {
+                info!(
+                    status,
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    events = n,
+                    outcome = "delivered",
+                    "batch delivered"
+                );
+                for member in &batch.batch {
+                    metrics::delivered_after(Duration::from_millis(
+                        now_ms().saturating_sub(member.created_ms),
+                    ));
+                }
+                effects.extend((0..n).map(|_| Effect::Count(Stat::Delivered)));
+                effects.push(health(Signal::Success));
+            }
+            AttemptResult::Failed(failure) => {
+                let signals = signals(&failure);
+                for effect in failed(&endpoint.retry, batch, attempt, failure) {
+                    match effect {
+                        // Each event of the batch counts.
+                        Effect::Count(Stat::Retried) => {
+                            effects.extend((0..n).map(|_| Effect::Count(Stat::Retried)))
+                        }
+                        other => effects.push(other),
+                    }
+                }
+                effects.extend(signals.into_iter().map(health));
+            }
+        }
+        effects
+    }
+    .instrument(span)
+    .await
+}
+
+/// A batch that is dead-lettered leaves one dead letter per event (each can
+/// be replayed on its own), saying which batch it was in; each counts.
+fn unbatch_letters(effects: Vec<Effect>) -> Vec<Effect> {
+    if !effects.iter().any(
+        |e| matches!(e, Effect::DeadLetter(DeadLetter { job: Some(job), .. }) if job.is_batch()),
+    ) {
+        return effects;
+    }
+    let mut out = Vec::with_capacity(effects.len());
+    for effect in effects {
+        match effect {
+            Effect::DeadLetter(DeadLetter {
+                job: Some(mut batch),
+                reason,
+                status,
+                response_body,
+                attempts,
+                dead_at_ms,
+                raw,
+            }) if batch.is_batch() => {
+                let members = std::mem::take(&mut batch.batch);
+                let n = members.len();
+                for (i, mut member) in members.into_iter().enumerate() {
+                    member.history = batch.history.clone();
+                    member.attempt = batch.attempt;
+                    out.push(Effect::DeadLetter(DeadLetter {
+                        reason: format!("{reason} (in batch {} of {n} events)", batch.id),
+                        status,
+                        response_body: response_body.clone(),
+                        attempts,
+                        dead_at_ms,
+                        job: Some(member),
+                        raw: raw.clone(),
+                    }));
+                    if i > 0 {
+                        out.push(Effect::Count(Stat::Dead));
+                    }
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// On an ordered endpoint a retry goes back to the front of its partition,
 /// the endpoint held until it is due (nothing after it goes first), and a
 /// dead letter says that it broke the order.
@@ -327,7 +499,10 @@ pub(super) fn panicked(
         Some(endpoint) => in_order(&endpoint, effects),
         None => effects,
     };
-    Completion { lease, effects }
+    Completion {
+        lease,
+        effects: unbatch_letters(effects),
+    }
 }
 
 fn after_panic(

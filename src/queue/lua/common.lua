@@ -21,11 +21,14 @@
 --   P..'inflight'      jobs in leases
 --   P..'count'         jobs waiting in partitions
 --   P..'conf'          HASH '_' -> 'quantum weight appcap epcap', 'a:'..app -> 'weight cap',
---                      'e:'..app..'|'..ep -> 'cap interval tolerance ordered',
+--                      'e:'..app..'|'..ep -> 'cap interval tolerance ordered events wait
+--                      bytes' (the last three: batching, events 0 if not batched),
 --                      'o:'..app -> '1' (it has an ordered endpoint: new events one at a time)
 --   ep hash 'olease'   the lease of an ordered endpoint's one job in flight;
 --   P..'ep:'..app..'|' (the new events' partition) 'ilease': the same for the
 --                      one new event in flight of an app with an ordered endpoint
+--   ep hash 'bdue'     a batched endpoint's waiting jobs go at this time even
+--                      if they are fewer than a batch
 --   P..'stats'         HASH outcome counters
 --   P..'dlq'           STREAM dead letters
 --   P..'seq', P..'vclock'  counters (job and lease ids, turns)

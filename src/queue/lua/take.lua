@@ -84,11 +84,15 @@ local function ep_conf(app, ep)
   local key = app .. '|' .. ep
   local c = ep_confs[key]
   if c == nil then
-    c = { d_epcap, 0, 0, false }
+    -- cap, rate interval, rate tolerance, ordered, then batching: max
+    -- events (0: not batched), max wait (ms), max bytes.
+    c = { d_epcap, 0, 0, false, 0, 0, 0 }
     local s = redis.call('HGET', CONF, 'e:' .. key)
     if s then
-      local a, b, e, o = string.match(s, '^(%S+) (%S+) (%S+) ?(%S*)$')
-      c = { tonumber(a), tonumber(b), tonumber(e), o == '1' }
+      local w = {}
+      for x in string.gmatch(s, '%S+') do w[#w + 1] = x end
+      c = { tonumber(w[1]), tonumber(w[2]), tonumber(w[3]), w[4] == '1',
+        tonumber(w[5]) or 0, tonumber(w[6]) or 0, tonumber(w[7]) or 0 }
     end
     ep_confs[key] = c
     if ep_room[key] == nil then ep_room[key] = c[1] end
@@ -101,10 +105,7 @@ end
 -- n, then the n job ids. One lease ('seq|app|part') covers the jobs one
 -- take gives from one partition.
 local out, groups = {}, 0
-local function take_from(app, part, n, disabled)
-  if n <= 0 then return 0 end
-  local jobs = redis.call('LPOP', list_key(app, part), n)
-  if not jobs then return 0 end
+local function lease_ids(app, part, jobs, disabled)
   local m = #jobs
   local seq = redis.call('INCR', P .. 'seq')
   local lease = seq .. '|' .. app .. '|' .. part
@@ -117,9 +118,73 @@ local function take_from(app, part, n, disabled)
   out[#out + 1] = m
   for j = 1, m do out[#out + 1] = jobs[j] end
   groups = groups + 1
-  redis.call('DECRBY', COUNT, m)
   redis.call('INCRBY', INFLIGHT, m)
-  return m, lease
+  return lease
+end
+
+local function take_from(app, part, n, disabled)
+  if n <= 0 then return 0 end
+  local jobs = redis.call('LPOP', list_key(app, part), n)
+  if not jobs then return 0 end
+  redis.call('DECRBY', COUNT, #jobs)
+  return #jobs, lease_ids(app, part, jobs, disabled)
+end
+
+-- Batches: a batch is a job whose body starts with BATCH_HEAD and holds its
+-- members' bodies (event.rs `Job::batch`).
+local BATCH_HEAD = '{"batch":['
+local function is_batch(body)
+  return body and string.sub(body, 1, #BATCH_HEAD) == BATCH_HEAD
+end
+
+local function batch_body(app, ep, members)
+  local id = 'batch_' .. string.sub(redis.sha1hex(P .. NOW .. ':' .. redis.call('INCR', P .. 'seq')), 1, 32)
+  return BATCH_HEAD .. table.concat(members, ',') .. '],"id":"' .. id .. '","app_id":"' .. app
+    .. '","event":{"name":"batch"},"created_ms":' .. NOW .. ',"endpoint":"' .. ep .. '"}'
+end
+
+-- Up to n batches from a batched endpoint's partition, under one lease. A
+-- stored batch at the front (a retry, or one whose worker died) goes as it
+-- is, with the same members; else the jobs at the front, up to max events
+-- and max bytes (bodies as stored, each counted 64 bytes longer), become a
+-- new batch and leave the queue as jobs of their own; fewer than max events
+-- only when `flush`.
+local function take_batches(app, ep, n, c, flush)
+  if n <= 0 then return 0 end
+  local L = list_key(app, ep)
+  local units, popped = {}, 0
+  while #units < n do
+    local ids = redis.call('LRANGE', L, 0, c[5] - 1)
+    if #ids == 0 then break end
+    local bodies = redis.call('HMGET', JOBS, unpack(ids))
+    local k = 1
+    if not flush and #ids < c[5] and not is_batch(bodies[1]) then break end
+    if is_batch(bodies[1]) then
+      units[#units + 1] = ids[1]
+    else
+      local members, size = {}, 256
+      for j = 1, #ids do
+        local b = bodies[j]
+        if is_batch(b) then break end
+        if b then
+          if #members > 0 and size + #b + 64 > c[7] then break end
+          members[#members + 1] = b
+          size = size + #b + 64
+        end
+        k = j
+      end
+      if #members > 0 then units[#units + 1] = store({ batch_body(app, ep, members) })[1] end
+      local gone = {}
+      for j = 1, k do gone[j] = ids[j] end
+      call_chunked('HDEL', JOBS, gone, 1000)
+    end
+    redis.call('LTRIM', L, k, -1)
+    popped = popped + k
+  end
+  redis.call('DECRBY', COUNT, popped)
+  if redis.call('LLEN', L) == 0 then redis.call('HDEL', ep_key(app, ep), 'bdue') end
+  if #units == 0 then return 0 end
+  return #units, lease_ids(app, ep, units)
 end
 
 -- One endpoint partition's share of a turn.
@@ -131,6 +196,29 @@ local function take_endpoint(app, ep, budget)
   local st = redis.call('HMGET', k, 'state', 'probe', 'tat', 'reason', 'olease')
   if st[1] == 'disabled' then
     return take_from(app, ep, want, st[4] or 'endpoint disabled')
+  end
+  -- What leaves the partition: batches on a batched endpoint, else jobs.
+  -- Batched: full batches go at once; fewer events max wait after a take
+  -- first found them waiting (the partition is held until then), or to a
+  -- probe; a stored batch goes at once.
+  local flush = true
+  local function grab(n)
+    if c[5] > 0 then return take_batches(app, ep, n, c, flush) end
+    return take_from(app, ep, n)
+  end
+  if c[5] > 0 and st[1] ~= 'half' and st[1] ~= 'open' then
+    local L = list_key(app, ep)
+    local due = tonumber(redis.call('HGET', k, 'bdue'))
+    flush = due ~= nil and due <= NOW
+    if not flush and redis.call('LLEN', L) < c[5]
+        and not is_batch(redis.call('HGET', JOBS, redis.call('LINDEX', L, 0) or '')) then
+      if not due then
+        due = NOW + c[6]
+        redis.call('HSET', k, 'bdue', due)
+      end
+      hold(app, ep, due, false)
+      return 0
+    end
   end
   if c[4] then
     -- Ordered: one job in flight fleet-wide; the partition is held until its
@@ -156,7 +244,7 @@ local function take_endpoint(app, ep, budget)
       hold(app, ep, tonumber(expires), true)
       return 0
     end
-    local n, id = take_from(app, ep, 1)
+    local n, id = grab(1)
     if n > 0 then
       redis.call('HSET', k, 'probe', id, 'state', 'half')
       hold(app, ep, NOW + lease_ms, true)
@@ -164,7 +252,7 @@ local function take_endpoint(app, ep, budget)
     return ordered_take(n, id)
   end
   local interval, tolerance = c[2], c[3]
-  if interval <= 0 then return ordered_take(take_from(app, ep, want)) end
+  if interval <= 0 then return ordered_take(grab(want)) end
   -- GCRA (mirrors ratelimit::admit).
   local tat = tonumber(st[3]) or NOW
   if tat < NOW then tat = NOW end
@@ -173,7 +261,7 @@ local function take_endpoint(app, ep, budget)
   if tat - NOW <= tolerance then
     allowed = math.min(want, len, math.floor((tolerance - (tat - NOW)) / interval) + 1)
   end
-  local n, lease = take_from(app, ep, allowed)
+  local n, lease = grab(allowed)
   ordered_take(n, lease)
   tat = tat + n * interval
   redis.call('HSET', k, 'tat', tat)

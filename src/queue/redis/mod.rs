@@ -240,8 +240,11 @@ impl RedisQueue {
             let (interval, tolerance) = e
                 .rate_limit
                 .map_or((0.0, 0.0), |r| (r.interval_ms(), r.tolerance_ms()));
+            let (events, wait, bytes) = e.batch.map_or((0, 0, 0), |b| {
+                (b.max_events, b.max_wait.as_millis() as u64, b.max_bytes)
+            });
             inv.arg(format!("e:{}|{}", e.app, e.endpoint)).arg(format!(
-                "{} {interval} {tolerance} {}",
+                "{} {interval} {tolerance} {} {events} {wait} {bytes}",
                 e.max_in_flight,
                 u8::from(e.ordered)
             ));
