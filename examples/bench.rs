@@ -136,6 +136,10 @@ struct Args {
     /// (the sink counts the events in each request).
     #[arg(long)]
     batch: Option<usize>,
+    /// The built-in sink answers each request after this many ms (a
+    /// receiver's own latency).
+    #[arg(long, default_value_t = 0)]
+    sink_delay_ms: u64,
 }
 
 /// The id of app `i` of `n`.
@@ -225,7 +229,7 @@ async fn run(args: &Args, prefix: &str) -> anyhow::Result<Report> {
     let n = args.events;
     let sink = match &args.sink_url {
         Some(_) => None,
-        None => Some(start_sink(n)?),
+        None => Some(start_sink(n, Duration::from_millis(args.sink_delay_ms))?),
     };
     let sink_url = match (&args.sink_url, &sink) {
         (Some(url), _) => url.clone(),
@@ -708,6 +712,8 @@ struct SinkState {
     origin: OnceLock<Instant>,
     /// Per second since `origin`: deliveries and the largest latency (ms).
     timeline: Mutex<Vec<(u64, u64)>>,
+    /// How long each answer waits.
+    delay: Duration,
 }
 
 struct Sink {
@@ -717,7 +723,7 @@ struct Sink {
 
 /// Binds 127.0.0.1:0 and serves on a one-thread runtime in its own OS thread,
 /// so the sink does not share the worker's scheduler.
-fn start_sink(target: u64) -> anyhow::Result<Sink> {
+fn start_sink(target: u64, delay: Duration) -> anyhow::Result<Sink> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the sink")?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
@@ -731,6 +737,7 @@ fn start_sink(target: u64) -> anyhow::Result<Sink> {
         done: tokio::sync::Notify::new(),
         origin: OnceLock::new(),
         timeline: Mutex::new(Vec::new()),
+        delay,
     });
     let app = axum::Router::new()
         .route("/hook", axum::routing::post(receive))
@@ -740,6 +747,9 @@ fn start_sink(target: u64) -> anyhow::Result<Sink> {
 }
 
 async fn receive(State(s): State<Arc<SinkState>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    if !s.delay.is_zero() {
+        tokio::time::sleep(s.delay).await;
+    }
     // A batch carries several events, each starting with its name.
     let pattern = format!("{{\"name\":\"{QUEUE}\"");
     let events = body

@@ -23,6 +23,8 @@ pub struct Caps {
     pub limited: HashSet<(String, String)>,
     /// Each app's endpoints.
     pub app_endpoints: HashMap<String, Vec<String>>,
+    /// Batched endpoints: their `max_events`.
+    pub batched: HashMap<(String, String), usize>,
 }
 
 impl Caps {
@@ -44,6 +46,9 @@ impl Caps {
                 let key = (app.id.clone(), e.id.clone());
                 if e.max_in_flight != endpoint_default {
                     caps.endpoints.insert(key.clone(), e.max_in_flight);
+                }
+                if let Some(b) = e.batch {
+                    caps.batched.insert(key.clone(), b.max_events);
                 }
                 if e.rate_limit.is_some() {
                     caps.limited.insert(key);
@@ -114,8 +119,15 @@ impl Scheduler {
     /// apps and endpoints that have jobs in flight here.
     pub fn request(&self) -> TakeRequest {
         let c = self.lock();
+        // What routing can hand an endpoint: its room here; for a batched
+        // endpoint (whose events always wait in its partition to be batched),
+        // a batch's worth per slot of its cap, in flight or not, so that its
+        // batches in flight do not stop the events that fill the next ones.
         let endpoint_room = |app: &String, e: &String| {
             let key = (app.clone(), e.clone());
+            if let Some(events) = c.caps.batched.get(&key) {
+                return c.caps.endpoint(&key).saturating_mul(*events);
+            }
             let n = c.endpoints.get(&key).copied().unwrap_or(0);
             c.caps.endpoint(&key).saturating_sub(n)
         };
@@ -306,6 +318,26 @@ mod tests {
             intake(&s).is_empty(),
             "nothing in flight: the queue's caps apply"
         );
+    }
+
+    #[test]
+    fn batches_in_flight_do_not_stop_the_events_that_fill_the_next_ones() {
+        let mut caps = caps();
+        caps.app_endpoints.insert("a".into(), vec!["b".into()]);
+        caps.batched.insert(("a".into(), "b".into()), 100);
+        let s = Scheduler::new(10, caps);
+        let full: Vec<Slot> = (0..2).map(|_| s.admit("a", Some("b"))).collect();
+        assert_eq!(
+            s.request().endpoint_room,
+            vec![(("a".into(), "b".into()), 0)],
+            "its two batches fill the endpoint's cap"
+        );
+        assert_eq!(
+            s.request().intake_room,
+            vec![("a".to_string(), 200)],
+            "a batch's worth of new events per slot of its cap"
+        );
+        drop(full);
     }
 
     #[test]
