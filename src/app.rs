@@ -89,10 +89,66 @@ pub struct Endpoint {
     /// failing event holds back the later ones until it is delivered or
     /// dead-lettered.
     pub ordered: bool,
+    /// With `ordered`: one order per key (one job of a key in flight at a
+    /// time); keys do not wait for each other.
+    pub order_by: Option<OrderBy>,
     /// Its events are delivered in batches.
     pub batch: Option<Batching>,
     /// The endpoint's chain: runs on every attempt, after routing.
     pub plugins: Vec<PluginRef>,
+}
+
+/// Where an ordered endpoint finds an event's ordering key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderBy {
+    /// The event's channel.
+    Channel,
+    /// A top-level field of the event (a string, number or boolean).
+    Field(String),
+    /// A metadata pair a plugin of the app chain set.
+    Metadata(String),
+}
+
+impl OrderBy {
+    /// Longest key kept as it is; longer ones are replaced by their SHA-256.
+    pub const MAX_KEY: usize = 200;
+
+    pub fn parse(text: &str) -> Option<OrderBy> {
+        match text.split_once('.') {
+            None if text == "channel" => Some(OrderBy::Channel),
+            Some(("event", f)) if !f.is_empty() => Some(OrderBy::Field(f.to_string())),
+            Some(("metadata", m)) if !m.is_empty() => Some(OrderBy::Metadata(m.to_string())),
+            _ => None,
+        }
+    }
+
+    /// The job's key: events without one share the empty key.
+    pub fn key_of(&self, job: &crate::event::Job) -> String {
+        use serde_json::Value;
+        let key = match self {
+            OrderBy::Channel => job.event.channel.clone().unwrap_or_default(),
+            OrderBy::Field(f) => match job.event.fields.get(f) {
+                Some(Value::String(s)) => s.clone(),
+                Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
+                _ => String::new(),
+            },
+            OrderBy::Metadata(m) => job
+                .metadata
+                .iter()
+                .rev()
+                .find(|(k, _)| k == m)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default(),
+        };
+        if key.len() <= Self::MAX_KEY {
+            return key;
+        }
+        use sha2::Digest;
+        format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(key.as_bytes()))
+        )
+    }
 }
 
 /// How an endpoint's events are batched: the events of one app for one
@@ -212,5 +268,39 @@ mod tests {
             assert!(!s.matches(other), "{other}");
         }
         assert_eq!(format!("{s:?}"), "Secret(***)");
+    }
+
+    #[test]
+    fn an_ordering_key_comes_from_the_channel_a_field_or_metadata() {
+        use super::OrderBy;
+        use crate::event::{Event, Job};
+        let event = Event::from_json(serde_json::json!({
+            "name": "x", "channel": "room-1", "user": "u-7", "n": 12, "o": {"a": 1},
+            "long": "k".repeat(300),
+        }))
+        .unwrap();
+        let mut job = Job::new("a", event, 0);
+        job.metadata = vec![
+            ("tenant".into(), "t-1".into()),
+            ("tenant".into(), "t-2".into()),
+        ];
+        let key = |o: OrderBy| o.key_of(&job);
+        assert_eq!(key(OrderBy::Channel), "room-1");
+        assert_eq!(key(OrderBy::Field("user".into())), "u-7");
+        assert_eq!(key(OrderBy::Field("n".into())), "12");
+        assert_eq!(key(OrderBy::Field("o".into())), "", "objects are no key");
+        assert_eq!(key(OrderBy::Field("missing".into())), "");
+        assert_eq!(
+            key(OrderBy::Metadata("tenant".into())),
+            "t-2",
+            "the last value set"
+        );
+        let long = key(OrderBy::Field("long".into()));
+        assert!(
+            long.starts_with("sha256:") && long.len() == 7 + 64,
+            "{long}"
+        );
+        job.event.channel = None;
+        assert_eq!(OrderBy::Channel.key_of(&job), "");
     }
 }

@@ -130,6 +130,10 @@ pub struct Job {
     /// Metadata plugins pass along a chain.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metadata: Vec<(String, String)>,
+    /// On an endpoint with `order_by`: the event's ordering key (one job of
+    /// a key in flight at a time, in order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_key: Option<String>,
 }
 
 /// The placeholder event name of a batch job.
@@ -149,6 +153,7 @@ impl Job {
             history: Vec::new(),
             headers: Vec::new(),
             metadata: Vec::new(),
+            order_key: None,
         }
     }
 

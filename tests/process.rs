@@ -442,6 +442,212 @@ async fn an_ordered_endpoint_gets_events_in_order_across_workers_failures_and_a_
     stop_all_workers(vec![second]).await;
 }
 
+/// `order_by = "channel"`: 500 events over five channels through two worker
+/// processes, with seeded random 500s, one refused event (400) and one worker
+/// SIGKILLed mid-run. Each channel's events arrive in the order sent (a
+/// repeat only of the one just before, after the kill), a failed event's
+/// retry comes before anything later of its channel, the refused one is
+/// dead-lettered and its channel goes on, and the channels do not wait for
+/// each other: while one waits for a retry, the others are delivered past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordering_keys_keep_each_channels_order_across_workers_failures_and_a_kill() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let mut seed: u64 = 0x0bd3;
+    let mut replies: Vec<u16> = Vec::new();
+    for i in 0..1500 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        replies.push(match i {
+            40 => 400,
+            _ if (seed >> 33).is_multiple_of(10) => 500,
+            _ => 200,
+        });
+    }
+    rx.script("keyed", &replies, 200);
+    rx.delay("keyed", Duration::from_millis(2));
+    let p = prefix("keyed");
+    let endpoint = standard_endpoint(&rx.url("keyed"))
+        + "ordered = true\norder_by = \"channel\"\n"
+        + "retry = { schedule = [\"0ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\"] }\n";
+    let text = config(
+        Some(&redis.url),
+        &p,
+        "127.0.0.1:0",
+        &app("app-1", &endpoint),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &text);
+    let producer = wasmhook::producer::Producer::connect(&redis.url, &p).unwrap();
+    let channel = |i: usize| format!("ch-{}", i % 5);
+    for chunk in (0..500).collect::<Vec<usize>>().chunks(100) {
+        let events = chunk
+            .iter()
+            .map(|i| json!({"name": "client_event", "channel": channel(*i), "data": i.to_string()}))
+            .collect();
+        producer.send_many("app-1", events).await.unwrap();
+    }
+    let index =
+        |r: &Received| -> usize { r.json()["data"]["data"].as_str().unwrap().parse().unwrap() };
+
+    let mut first = spawn_serve(&path, "worker");
+    let second = spawn_serve(&path, "worker");
+    eventually("deliveries under way", WAIT, async || {
+        (rx.received("keyed")
+            .iter()
+            .filter(|r| r.status == 200)
+            .count()
+            >= 80)
+            .then_some(())
+    })
+    .await;
+    signal(&first, libc::SIGKILL);
+    first.wait().await.unwrap();
+    let q = queue(&text);
+    let letters = dead_letters(&q, 1).await;
+    eventually("every event but one delivered", WAIT, async || {
+        let ok: HashSet<usize> = rx
+            .received("keyed")
+            .iter()
+            .filter(|r| r.status == 200)
+            .map(index)
+            .collect();
+        (ok.len() == 499).then_some(())
+    })
+    .await;
+
+    let got = rx.received("keyed");
+    let refused = got.iter().find(|r| r.status == 400).map(index).unwrap();
+    for c in 0..5 {
+        let mine: Vec<&Received> = got.iter().filter(|r| index(r) % 5 == c).collect();
+        let mut delivered: Vec<usize> = mine
+            .iter()
+            .filter(|r| r.status == 200)
+            .map(|r| index(r))
+            .collect();
+        delivered.dedup();
+        assert!(
+            delivered.windows(2).all(|w| w[0] < w[1]),
+            "ch-{c} in order: {delivered:?}"
+        );
+        // Every failed request of the channel is followed by its own retry.
+        for (i, r) in mine.iter().enumerate() {
+            if r.status == 500 {
+                assert_eq!(index(mine[i + 1]), index(r), "ch-{c}: the retry comes next");
+            }
+        }
+        if c == refused % 5 {
+            assert!(
+                delivered.iter().any(|&i| i > refused),
+                "the dead letter let its channel go on"
+            );
+        }
+    }
+    assert!(
+        got.iter().filter(|r| r.status == 500).count() >= 20,
+        "failures happened"
+    );
+    // While a failed event waited for its retry, other channels went past it.
+    let overtaken = got.iter().enumerate().any(|(n, r)| {
+        r.status == 500
+            && got[n + 1..]
+                .iter()
+                .take_while(|later| index(later) != index(r))
+                .any(|later| later.status == 200 && index(later) > index(r))
+    });
+    assert!(overtaken, "the channels did not wait for each other");
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0].1;
+    assert!(
+        letter.reason.contains("same ordering key"),
+        "{}",
+        letter.reason
+    );
+    assert_eq!(
+        letter.job.as_ref().unwrap().order_key.as_deref(),
+        Some(channel(refused).as_str())
+    );
+    stop_all_workers(vec![second]).await;
+}
+
+/// One key's event waits 5 s for its retry; the other key's 20 events are
+/// delivered meanwhile, and the waiting key's next event comes only after
+/// its retry. On Redis and on the embedded queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordering_keys_do_not_block_each_other() {
+    let redis = RedisServer::start();
+    for backend in [Some(redis.url.as_str()), None] {
+        let rx = Receiver::start().await;
+        rx.script("k", &[500], 200);
+        let endpoint = standard_endpoint(&rx.url("k"))
+            + "ordered = true\norder_by = \"channel\"\nretry = { schedule = [\"0ms\", \"5s\"] }\n";
+        let text = config(
+            backend,
+            &prefix("keys-apart"),
+            "127.0.0.1:0",
+            &app("app-1", &endpoint),
+        );
+        let wh = Running::start(&text, wasmhook::service::Mode::All).await;
+        let post = |events: Vec<serde_json::Value>| {
+            let ingest = wh.ingest.clone();
+            async move {
+                let (status, body) = post_events(
+                    &ingest,
+                    "app-1",
+                    Some("app-1-token"),
+                    json!({ "events": events }).to_string(),
+                )
+                .await;
+                assert_eq!(status, 202, "{body}");
+            }
+        };
+        let event = |channel: &str, i: usize| json!({"name": "client_event", "channel": channel, "data": i.to_string()});
+        post(vec![event("a", 0)]).await;
+        rx.wait_for("k", 1, WAIT).await;
+        post(
+            (1..=20)
+                .map(|i| event("b", i))
+                .chain([event("a", 21)])
+                .collect(),
+        )
+        .await;
+        let index =
+            |r: &Received| -> usize { r.json()["data"]["data"].as_str().unwrap().parse().unwrap() };
+        let got = eventually("key b delivered", WAIT, async || {
+            let got = rx.received("k");
+            (got.iter()
+                .filter(|r| r.json()["data"]["channel"] == "b")
+                .count()
+                == 20)
+                .then_some(got)
+        })
+        .await;
+        assert_eq!(
+            got.iter()
+                .map(index)
+                .filter(|&i| i == 0 || i == 21)
+                .collect::<Vec<_>>(),
+            [0],
+            "a's retry and next still wait while b goes ({backend:?})"
+        );
+        let got = rx.wait_for("k", 23, WAIT).await;
+        let a: Vec<(usize, u16)> = got
+            .iter()
+            .filter(|r| r.json()["data"]["channel"] == "a")
+            .map(|r| (index(r), r.status))
+            .collect();
+        assert_eq!(a, [(0, 500), (0, 200), (21, 200)], "{backend:?}");
+        let b: Vec<usize> = got
+            .iter()
+            .filter(|r| r.json()["data"]["channel"] == "b")
+            .map(index)
+            .collect();
+        assert_eq!(b, (1..=20).collect::<Vec<_>>(), "b in order ({backend:?})");
+        wh.shutdown().await;
+    }
+}
+
 async fn stop_all_workers(workers: Vec<tokio::process::Child>) {
     for mut w in workers {
         signal(&w, libc::SIGTERM);

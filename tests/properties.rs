@@ -112,6 +112,7 @@ fn job() -> impl Strategy<Value = Job> {
                     history,
                     headers,
                     metadata,
+                    order_key: None,
                 }
             },
         )

@@ -328,6 +328,9 @@ pub struct RawWebhook {
     /// Deliver its events one at a time, in the order the app sent them.
     #[serde(default)]
     pub ordered: bool,
+    /// With `ordered`: one order per key instead of one for the endpoint:
+    /// `"channel"`, `"event.<field>"` or `"metadata.<name>"`.
+    pub order_by: Option<String>,
     /// Deliver its events in batches: `{ max_events = 100, max_wait = "1s" }`.
     pub batch: Option<RawBatch>,
     /// Largest batch, counted on the events as stored (only with `batch`).

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use super::Problem;
 use super::raw::{LogFormat, RawApp, RawConfig, RawWebhook, SchemeName};
 use super::raw::{RawPluginRef, RawWasm};
-use crate::app::{App, Apps, Batching, Endpoint, PluginRef, Scheme, Secret};
+use crate::app::{App, Apps, Batching, Endpoint, OrderBy, PluginRef, Scheme, Secret};
 use crate::breaker::BreakerSettings;
 use crate::delivery::retry::RetryPolicy;
 use crate::delivery::{Egress, ProxySettings};
@@ -357,6 +357,7 @@ pub fn tenancy(queues: &QueueSettings, delivery: &DeliverySettings, apps: &Apps)
                     max_in_flight: e.max_in_flight,
                     rate_limit: e.rate_limit,
                     ordered: e.ordered,
+                    keyed: e.order_by.is_some(),
                     batch: e.batch,
                 });
             }
@@ -1092,6 +1093,23 @@ fn build_endpoint(
         );
     }
     let batch = batching(c, &path, w);
+    let order_by = match &w.order_by {
+        None => None,
+        Some(_) if !w.ordered => {
+            c.fail(format!("{path}.order_by"), "only with `ordered = true`");
+            None
+        }
+        Some(text) => {
+            let parsed = OrderBy::parse(text);
+            if parsed.is_none() {
+                c.fail(
+                    format!("{path}.order_by"),
+                    "expected \"channel\", \"event.<field>\" or \"metadata.<name>\"",
+                );
+            }
+            parsed
+        }
+    };
     let filter = w.filter.clone().unwrap_or_default();
     let chain = build_chain(c, &format!("{path}.plugins"), &w.plugins, plugins);
     if c.0.len() > before {
@@ -1112,6 +1130,7 @@ fn build_endpoint(
         max_in_flight,
         rate_limit,
         ordered: w.ordered,
+        order_by,
         batch,
         plugins: chain,
     })

@@ -299,6 +299,37 @@ fn weights_caps_and_rate_limits_reach_the_queue() {
 }
 
 #[test]
+fn ordering_keys_are_parsed_and_need_an_ordered_endpoint() {
+    use crate::app::OrderBy;
+    let s = load(&(APP.to_string() + "ordered = true\norder_by = \"channel\"\n")).unwrap();
+    let e = &s.apps.iter().next().unwrap().endpoints[1];
+    assert_eq!(e.order_by, Some(OrderBy::Channel));
+    assert!(s.tenancy().endpoints[0].keyed);
+    for (text, want) in [
+        ("event.user_id", Some(OrderBy::Field("user_id".into()))),
+        ("metadata.tenant", Some(OrderBy::Metadata("tenant".into()))),
+        ("event.", None),
+        ("user", None),
+    ] {
+        assert_eq!(OrderBy::parse(text), want, "{text}");
+    }
+    for (extra, want) in [
+        (
+            "order_by = \"channel\"\n",
+            "webhooks[1].order_by: only with `ordered = true`",
+        ),
+        (
+            "ordered = true\norder_by = \"room\"\n",
+            "webhooks[1].order_by: expected \"channel\"",
+        ),
+    ] {
+        let err = load(&(APP.to_string() + extra)).unwrap_err();
+        let text: Vec<String> = err.problems.iter().map(ToString::to_string).collect();
+        assert!(text.iter().any(|p| p.contains(want)), "{extra}: {text:?}");
+    }
+}
+
+#[test]
 fn a_batched_endpoint_reaches_the_queue_and_its_bounds_are_checked() {
     let s =
         load(&(APP.to_string() + "batch = { max_events = 50, max_wait = \"250ms\" }\n")).unwrap();

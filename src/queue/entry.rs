@@ -58,6 +58,7 @@ struct WireJob {
     headers: Vec<(String, String)>,
     #[serde(default)]
     metadata: Vec<(String, String)>,
+    order_key: Option<String>,
 }
 
 pub fn encode(job: &Job) -> String {
@@ -136,6 +137,7 @@ pub fn decode(entry_id: &str, raw: Option<&[u8]>) -> Result<Job, Malformed> {
         history: wire.history,
         headers: wire.headers,
         metadata: wire.metadata,
+        order_key: wire.order_key,
     })
 }
 

@@ -91,10 +91,15 @@ impl Limits {
         let ordered: HashSet<(String, String)> = tenancy
             .endpoints
             .iter()
-            .filter(|e| e.ordered)
+            .filter(|e| e.ordered && !e.keyed)
             .map(|e| (e.app.clone(), e.endpoint.clone()))
             .collect();
-        let ordered_apps = ordered.iter().map(|(app, _)| app.clone()).collect();
+        let ordered_apps = tenancy
+            .endpoints
+            .iter()
+            .filter(|e| e.ordered)
+            .map(|e| e.app.clone())
+            .collect();
         Limits {
             quantum: tenancy.quantum,
             app_weight: tenancy.app_weight,
@@ -156,6 +161,11 @@ struct Endpoint {
     /// Batched: when the jobs waiting go even if they are fewer than a batch
     /// (set by the take that first found them waiting).
     batch_due: Option<u64>,
+    /// Ordering keys: the job out of each key (by webhook id: it keeps it on
+    /// a retry), and each key's later jobs, waiting for it.
+    key_out: HashMap<String, String>,
+    keys_out: HashSet<String>,
+    key_waiting: HashMap<String, VecDeque<Job>>,
     /// The rate limiter's theoretical arrival time.
     tat: Option<f64>,
     /// Times a take held it for its rate limit.
@@ -880,10 +890,7 @@ impl State {
                     // A lapsed lease: the job went back to its partition and
                     // another worker owns it now.
                     _ if lease.is_none() => {}
-                    Effect::Enqueue(job) => {
-                        let app = job.app_id.clone();
-                        self.push_back(&app, job.clone());
-                    }
+                    Effect::Enqueue(job) => self.enqueue_aimed(job.clone()),
                     Effect::Schedule { job, delay_ms } => {
                         let seq = self.next_seq();
                         self.delayed
@@ -905,6 +912,25 @@ impl State {
                     }
                 }
             }
+            // A job of an ordering key that does not come back (as a retry)
+            // lets the key's next job go.
+            if let Some(Lease {
+                app,
+                part: Some(endpoint),
+                job,
+                ..
+            }) = &lease
+            {
+                let back = completion.effects.iter().any(|e| match e {
+                    Effect::Schedule { job: again, .. } | Effect::Front { job: again, .. } => {
+                        again.id == job.id && again.endpoint.as_deref() == Some(endpoint)
+                    }
+                    _ => false,
+                });
+                if !back {
+                    self.release_key(app, endpoint, &job.id);
+                }
+            }
             if let Some(Lease {
                 app,
                 part: Some(endpoint),
@@ -923,6 +949,43 @@ impl State {
             }
         }
         changes
+    }
+
+    /// A routed job: with an ordering key on an endpoint, it waits behind
+    /// the key's job out, if there is one.
+    fn enqueue_aimed(&mut self, job: Job) {
+        let app = job.app_id.clone();
+        if let (Some(ep), Some(key)) = (job.endpoint.clone(), job.order_key.clone()) {
+            let e = self.endpoint_mut(&app, &ep);
+            if !e.keys_out.insert(key.clone()) {
+                e.key_waiting.entry(key).or_default().push_back(job);
+                return;
+            }
+            e.key_out.insert(job.id.clone(), key);
+        }
+        self.push_back(&app, job);
+    }
+
+    /// A job of an ordering key has ended (not to come back): the key's next
+    /// job goes.
+    fn release_key(&mut self, app: &str, endpoint: &str, webhook_id: &str) {
+        let e = self.endpoint_mut(app, endpoint);
+        let Some(key) = e.key_out.remove(webhook_id) else {
+            return;
+        };
+        let next = e.key_waiting.get_mut(&key).and_then(VecDeque::pop_front);
+        if e.key_waiting.get(&key).is_some_and(VecDeque::is_empty) {
+            e.key_waiting.remove(&key);
+        }
+        match next {
+            Some(next) => {
+                e.key_out.insert(next.id.clone(), key);
+                self.push_back(app, next);
+            }
+            None => {
+                e.keys_out.remove(&key);
+            }
+        }
     }
 
     fn release_order(&mut self, app: &str, part: &Part, lease: &str) {
@@ -1024,7 +1087,14 @@ impl State {
                 .values()
                 .flat_map(|a| a.parts.values())
                 .map(|q| q.len() as u64)
-                .sum(),
+                .sum::<u64>()
+                + self
+                    .apps
+                    .values()
+                    .flat_map(|a| a.endpoints.values())
+                    .flat_map(|e| e.key_waiting.values())
+                    .map(|q| q.len() as u64)
+                    .sum::<u64>(),
             in_flight: self.leases.len() as u64,
             delayed: self.delayed.len() as u64,
             held: self
@@ -1488,6 +1558,7 @@ mod tests {
             max_in_flight: 1,
             rate_limit: None,
             ordered: false,
+            keyed: false,
             batch: None,
         }];
         s.configure(&t);
@@ -1580,6 +1651,73 @@ mod tests {
         assert_eq!(s.depth(T0 + 5000).delayed, 0);
     }
 
+    #[test]
+    fn ordering_keys_have_one_job_out_each_and_do_not_wait_for_each_other() {
+        let mut s = State::default();
+        let mut t = ordered("a", "e");
+        t.endpoints[0].keyed = true;
+        s.configure(&t);
+        let keyed = |n: usize, key: &str| {
+            let mut j = job("a", Some("e"), n);
+            j.order_key = Some(key.into());
+            j
+        };
+        for (n, key) in [(0, "x"), (1, "x"), (2, "y"), (3, "x"), (4, "y"), (5, "z")] {
+            s.enqueue_aimed(keyed(n, key));
+        }
+        assert_eq!(
+            s.depth(T0).ready,
+            6,
+            "the keys' later jobs count as waiting"
+        );
+        // The first of each key, all at once.
+        let t = take(&mut s, 10, T0);
+        assert_eq!(ids(&t), ["a/e/0", "a/e/2", "a/e/5"]);
+        let lease = |t: &Taken, id: &str| {
+            let l = t.jobs.iter().find(|l| l.job.as_ref().unwrap().id == id);
+            l.unwrap().lease.clone()
+        };
+        // x's job fails and waits for its retry: y and z go on.
+        let mut retry = keyed(0, "x");
+        retry.attempt = 1;
+        commit(
+            &mut s,
+            &lease(&t, "a/e/0"),
+            vec![Effect::Schedule {
+                job: retry,
+                delay_ms: 5000,
+            }],
+            T0,
+        );
+        commit(
+            &mut s,
+            &lease(&t, "a/e/2"),
+            vec![Effect::Count(Stat::Delivered)],
+            T0,
+        );
+        let t2 = take(&mut s, 10, T0 + 1);
+        assert_eq!(ids(&t2), ["a/e/4"], "y's next; x waits for its retry");
+        // The retry, then x's next ones in order.
+        let t3 = take(&mut s, 10, T0 + 5000);
+        assert_eq!(ids(&t3), ["a/e/0"]);
+        commit(
+            &mut s,
+            &t3.jobs[0].lease,
+            vec![Effect::Count(Stat::Delivered)],
+            T0 + 5000,
+        );
+        let t4 = take(&mut s, 10, T0 + 5001);
+        assert_eq!(ids(&t4), ["a/e/1"]);
+        // A dead letter ends its key's turn too.
+        commit(
+            &mut s,
+            &t4.jobs[0].lease,
+            vec![Effect::DeadLetter(letter(&keyed(1, "x")))],
+            T0 + 5001,
+        );
+        assert_eq!(ids(&take(&mut s, 10, T0 + 5002)), ["a/e/3"]);
+    }
+
     fn batched(app: &str, endpoint: &str, max_events: usize, max_bytes: usize) -> Tenancy {
         let mut t = tenancy(8);
         t.endpoints = vec![EndpointTenancy {
@@ -1588,6 +1726,7 @@ mod tests {
             max_in_flight: 1000,
             rate_limit: None,
             ordered: false,
+            keyed: false,
             batch: Some(Batching {
                 max_events,
                 max_wait: Duration::from_secs(1),
@@ -1709,6 +1848,7 @@ mod tests {
             max_in_flight: 1000,
             rate_limit: None,
             ordered: true,
+            keyed: false,
             batch: None,
         }];
         t
@@ -1881,6 +2021,7 @@ mod tests {
                 burst: 1,
             }),
             ordered: false,
+            keyed: false,
             batch: None,
         }];
         s.configure(&t);

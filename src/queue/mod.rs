@@ -208,6 +208,9 @@ pub struct EndpointTenancy {
     /// One job in flight fleet-wide, in order; the app's new events are then
     /// taken one at a time, so that routing keeps their order.
     pub ordered: bool,
+    /// With `ordered`: one order per job's `order_key` instead of one for
+    /// the endpoint.
+    pub keyed: bool,
     /// Its jobs are handed out in batches (one job carrying its members).
     pub batch: Option<crate::app::Batching>,
 }

@@ -274,6 +274,7 @@ mod tests {
             max_in_flight: 16,
             rate_limit: None,
             ordered: false,
+            order_by: None,
             batch: None,
             plugins: vec![],
         }

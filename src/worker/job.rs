@@ -129,48 +129,56 @@ async fn routed(
             );
             vec![Effect::Count(Stat::Dropped)]
         }
-        Routing::Deliver(mut targets) => match targets.len() {
-            0 => {
-                debug!(
-                    event_type = job.event.name,
-                    outcome = "unrouted",
-                    "no endpoint subscribes to this event"
-                );
-                vec![Effect::Count(Stat::Unrouted)]
-            }
-            1 => {
-                let (endpoint, aimed) = targets.pop().expect("one target");
-                let is_busy = busy.iter().any(|b| b == &endpoint.id);
-                // An ordered endpoint's events go through its partition, one
-                // at a time; a batched endpoint's, to be batched there.
-                if !endpoint.ordered
-                    && endpoint.batch.is_none()
-                    && slot.try_endpoint(&endpoint.id, is_busy)
-                {
-                    deliver(ctx, tenants, app, endpoint, aimed).await
-                } else {
-                    debug!(
-                        endpoint = endpoint.id,
-                        outcome = "parked",
-                        "endpoint busy; the job waits in its partition"
-                    );
-                    vec![Effect::Enqueue(aimed), Effect::Count(Stat::Parked)]
+        Routing::Deliver(mut targets) => {
+            // Each job for an endpoint with ordering keys carries its key.
+            for (endpoint, aimed) in &mut targets {
+                if let Some(order_by) = &endpoint.order_by {
+                    aimed.order_key = Some(order_by.key_of(aimed));
                 }
             }
-            n => {
-                debug!(
-                    endpoints = n,
-                    outcome = "fanned_out",
-                    "event fanned out to its endpoints"
-                );
-                let mut effects: Vec<Effect> = targets
-                    .into_iter()
-                    .map(|(_, aimed)| Effect::Enqueue(aimed))
-                    .collect();
-                effects.push(Effect::Count(Stat::FannedOut));
-                effects
+            match targets.len() {
+                0 => {
+                    debug!(
+                        event_type = job.event.name,
+                        outcome = "unrouted",
+                        "no endpoint subscribes to this event"
+                    );
+                    vec![Effect::Count(Stat::Unrouted)]
+                }
+                1 => {
+                    let (endpoint, aimed) = targets.pop().expect("one target");
+                    let is_busy = busy.iter().any(|b| b == &endpoint.id);
+                    // An ordered endpoint's events go through its partition, one
+                    // at a time; a batched endpoint's, to be batched there.
+                    if !endpoint.ordered
+                        && endpoint.batch.is_none()
+                        && slot.try_endpoint(&endpoint.id, is_busy)
+                    {
+                        deliver(ctx, tenants, app, endpoint, aimed).await
+                    } else {
+                        debug!(
+                            endpoint = endpoint.id,
+                            outcome = "parked",
+                            "endpoint busy; the job waits in its partition"
+                        );
+                        vec![Effect::Enqueue(aimed), Effect::Count(Stat::Parked)]
+                    }
+                }
+                n => {
+                    debug!(
+                        endpoints = n,
+                        outcome = "fanned_out",
+                        "event fanned out to its endpoints"
+                    );
+                    let mut effects: Vec<Effect> = targets
+                        .into_iter()
+                        .map(|(_, aimed)| Effect::Enqueue(aimed))
+                        .collect();
+                    effects.push(Effect::Count(Stat::FannedOut));
+                    effects
+                }
             }
-        },
+        }
     }
 }
 
@@ -418,19 +426,24 @@ fn unbatch_letters(effects: Vec<Effect>) -> Vec<Effect> {
 
 /// On an ordered endpoint a retry goes back to the front of its partition,
 /// the endpoint held until it is due (nothing after it goes first), and a
-/// dead letter says that it broke the order.
+/// dead letter says that it broke the order. With ordering keys, a retry
+/// waits apart (the queue keeps its key taken, so only the later events of
+/// the same key wait for it).
 fn in_order(endpoint: &Endpoint, effects: Vec<Effect>) -> Vec<Effect> {
     if !endpoint.ordered {
         return effects;
     }
+    let keyed = endpoint.order_by.is_some();
     effects
         .into_iter()
         .map(|effect| match effect {
-            Effect::Schedule { job, delay_ms } => Effect::Front { job, delay_ms },
+            Effect::Schedule { job, delay_ms } if !keyed => Effect::Front { job, delay_ms },
             Effect::DeadLetter(mut letter) => {
-                letter
-                    .reason
-                    .push_str(" (ordered endpoint: the events after it were delivered without it)");
+                letter.reason.push_str(if keyed {
+                    " (ordered endpoint: the events after it with the same ordering key were delivered without it)"
+                } else {
+                    " (ordered endpoint: the events after it were delivered without it)"
+                });
                 Effect::DeadLetter(letter)
             }
             other => other,

@@ -4,7 +4,9 @@
 -- max_cool disable_after' (ms), 4 disable reason, 5 max hold (ms),
 -- 6 n completions, then their n leases ('lease#job id'), then per
 -- completion: its counters (names joined by ','), n effects, effects:
---   'E' app part job | 'S' delay app part job | 'F' delay app part job
+--   'E' app part key job (key: '' none, else 'k' and the job's ordering
+--   key: it waits behind the key's job out) | 'S' delay app part job |
+--   'F' delay app part job
 --   (back to the front, the endpoint held for delay) | 'D' letter |
 --   'H' app endpoint signal arg   (signal: ok (arg: how many), fail,
 --                                  slow (arg: ms), off (arg: reason))
@@ -135,22 +137,51 @@ for c = 1, n do
   -- Its end frees the next job of an ordered endpoint (before its effects,
   -- which may hold the endpoint again).
   if ok and lease then release_order(lease) end
+  -- A job of an ordering key: the key stays taken if the job comes back (a
+  -- retry), else the key's next job goes.
+  local lkey, lapp, lpart, kept = nil, nil, nil, false
+  if ok and lease then
+    local _set
+    _set, lapp, lpart = lease_parts(lease)
+    if lpart ~= '' then
+      local jid = string.match(ARGV[L + c - 1], '#(%d+)$')
+      lkey = redis.call('HGET', keys_key(lapp, lpart), 'j:' .. jid)
+      if lkey then redis.call('HDEL', keys_key(lapp, lpart), 'j:' .. jid) end
+    end
+  end
+  local function keep_key(app, part, id)
+    if lkey and app == lapp and part == lpart then
+      redis.call('HSET', keys_key(app, part), 'j:' .. id, lkey)
+      kept = true
+    end
+  end
   for _ = 1, k do
     local kind = ARGV[i]
     if kind == 'E' then
-      if ok then push(ARGV[i + 1], ARGV[i + 2], store({ ARGV[i + 3] })[1], false) end
-      i = i + 4
+      if ok then
+        local app, part, key = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+        local id = store({ ARGV[i + 4] })[1]
+        if key ~= '' and part ~= '' then
+          push_keyed(app, part, string.sub(key, 2), id)
+        else
+          push(app, part, id, false)
+        end
+      end
+      i = i + 5
     elseif kind == 'S' then
       if ok then
         local id = store({ ARGV[i + 4] })[1]
         redis.call('ZADD', DELAYED, NOW + tonumber(ARGV[i + 1]),
           id .. '|' .. ARGV[i + 2] .. '|' .. ARGV[i + 3])
+        keep_key(ARGV[i + 2], ARGV[i + 3], id)
       end
       i = i + 5
     elseif kind == 'F' then
       if ok then
         local app, part = ARGV[i + 2], ARGV[i + 3]
-        push(app, part, store({ ARGV[i + 4] })[1], true)
+        local id = store({ ARGV[i + 4] })[1]
+        push(app, part, id, true)
+        keep_key(app, part, id)
         if part ~= '' then hold(app, part, NOW + tonumber(ARGV[i + 1]), true) end
       end
       i = i + 5
@@ -165,6 +196,7 @@ for c = 1, n do
       return redis.error_reply('unknown effect ' .. tostring(kind))
     end
   end
+  if lkey and not kept then release_key(lapp, lpart, lkey) end
   -- A half-open probe came back without closing or reopening the breaker
   -- (a plugin dropped it, say): let the next probe go. Leases of new events
   -- end in '|' (no endpoint).

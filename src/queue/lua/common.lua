@@ -27,6 +27,9 @@
 --   ep hash 'olease'   the lease of an ordered endpoint's one job in flight;
 --   P..'ep:'..app..'|' (the new events' partition) 'ilease': the same for the
 --                      one new event in flight of an app with an ordered endpoint
+--   P..'ok:'..app..'|'..ep  HASH an ordering-keyed endpoint's keys: 'b:'..key -> '1' (a job
+--                      of the key is out), 'j:'..job id -> key (the job out of each key)
+--   P..'kq:'..app..'|'..ep..'|'..key  LIST the key's later job ids, waiting for it
 --   ep hash 'bdue'     a batched endpoint's waiting jobs go at this time even
 --                      if they are fewer than a batch
 --   P..'stats'         HASH outcome counters
@@ -159,6 +162,36 @@ end
 
 local function push(app, part, job, front)
   push_many(app, part, { job }, front)
+end
+
+-- Ordering keys (an ordered endpoint with `order_by`): one job of a key is
+-- out (in the partition, leased or waiting for its retry) at a time; the
+-- key's later jobs wait in their own list until it ends.
+local function keys_key(app, ep) return P .. 'ok:' .. app .. '|' .. ep end
+local function key_list(app, ep, key) return P .. 'kq:' .. app .. '|' .. ep .. '|' .. key end
+
+local function push_keyed(app, ep, key, id)
+  local h = keys_key(app, ep)
+  if redis.call('HSETNX', h, 'b:' .. key, '1') == 1 then
+    redis.call('HSET', h, 'j:' .. id, key)
+    push(app, ep, id, false)
+  else
+    redis.call('RPUSH', key_list(app, ep, key), id)
+    redis.call('INCRBY', COUNT, 1)
+  end
+end
+
+-- The key's job out has ended: its next job (if any) goes.
+local function release_key(app, ep, key)
+  local h = keys_key(app, ep)
+  local nxt = redis.call('LPOP', key_list(app, ep, key))
+  if nxt then
+    redis.call('DECRBY', COUNT, 1)
+    redis.call('HSET', h, 'j:' .. nxt, key)
+    push(app, ep, nxt, false)
+  else
+    redis.call('HDEL', h, 'b:' .. key)
+  end
 end
 
 -- Holds an endpoint's partition until `untl`; `exact` replaces a later hold.

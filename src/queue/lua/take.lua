@@ -91,6 +91,7 @@ local function ep_conf(app, ep)
     if s then
       local w = {}
       for x in string.gmatch(s, '%S+') do w[#w + 1] = x end
+      -- ordered: '1' the whole endpoint ('k': per key, kept by commit)
       c = { tonumber(w[1]), tonumber(w[2]), tonumber(w[3]), w[4] == '1',
         tonumber(w[5]) or 0, tonumber(w[6]) or 0, tonumber(w[7]) or 0 }
     end

@@ -243,10 +243,16 @@ impl RedisQueue {
             let (events, wait, bytes) = e.batch.map_or((0, 0, 0), |b| {
                 (b.max_events, b.max_wait.as_millis() as u64, b.max_bytes)
             });
+            // Ordered: '1' one order for the endpoint, 'k' one per key (the
+            // keys live in the commit script), '0' none.
+            let order = match (e.ordered, e.keyed) {
+                (true, true) => "k",
+                (true, false) => "1",
+                (false, _) => "0",
+            };
             inv.arg(format!("e:{}|{}", e.app, e.endpoint)).arg(format!(
-                "{} {interval} {tolerance} {} {events} {wait} {bytes}",
+                "{} {interval} {tolerance} {order} {events} {wait} {bytes}",
                 e.max_in_flight,
-                u8::from(e.ordered)
             ));
             if e.ordered {
                 ordered_apps.insert(&e.app);
@@ -434,6 +440,11 @@ impl RedisQueue {
                         "E".into(),
                         job.app_id.clone(),
                         job.endpoint.clone().unwrap_or_default(),
+                        // An ordering key: the job waits behind its key's.
+                        job.order_key
+                            .as_ref()
+                            .filter(|_| job.endpoint.is_some())
+                            .map_or_else(String::new, |k| format!("k{k}")),
                         entry::encode(job),
                     ]),
                     Effect::Schedule { job, delay_ms } => sent.push(later("S", *delay_ms, job)),
