@@ -179,6 +179,66 @@ async fn tenant_filter_drops_are_recorded_and_never_delivered() {
     wh.shutdown().await;
 }
 
+/// A batched endpoint's chain runs on each event before batching: the batch
+/// carries each event as the chain left it, without the ones it dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_endpoints_chain_runs_per_event_before_batching() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let endpoint = pusher_endpoint(&rx.url("hook"))
+        + "batch = { max_events = 6, max_wait = \"5s\" }\n"
+        + r#"plugins = [{ plugin = "filter", config = { deny_types = "member_added" } }, { plugin = "add", config = { field = "seen_by", value = "endpoint-chain" } }]"#
+        + "\n";
+    let text = config(
+        Some(&redis.url),
+        &prefix("batch-chain"),
+        "127.0.0.1:0",
+        &app("app-1", &endpoint),
+    ) + &wasm_section("")
+        + &plugin_def("filter", &plugin("tenant-filter"), "")
+        + &plugin_def("add", &plugin("add-field"), "");
+    let wh = Running::start(&text, Mode::All).await;
+    let events: Vec<Value> = (0..6)
+        .map(|i| {
+            let name = if i % 2 == 0 {
+                "client_event"
+            } else {
+                "member_added"
+            };
+            json!({"name": name, "channel": "c", "n": i})
+        })
+        .collect();
+    let (status, body) = post_events(
+        &wh.ingest,
+        "app-1",
+        Some("app-1-token"),
+        json!({ "events": events }).to_string(),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+
+    let got = rx.wait_for("hook", 1, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rx.received("hook").len(), 1, "one batch");
+    verify_pusher(&got[0], "app-1-key", APP_SECRET);
+    let body = got[0].json();
+    let sent = body["events"].as_array().unwrap();
+    // Routed side by side: the batch holds them in the order they were parked.
+    let mut ns: Vec<i64> = sent.iter().map(|e| e["n"].as_i64().unwrap()).collect();
+    ns.sort();
+    assert_eq!(ns, [0, 2, 4], "the dropped events left the batch");
+    for e in sent {
+        assert_eq!(e["seen_by"], "endpoint-chain", "{e}");
+    }
+    let q = queue(&text);
+    eventually("drops counted", WAIT, async || {
+        let stats = q.stats().await.unwrap();
+        (stats.get("dropped") == Some(&3) && stats.get("delivered") == Some(&3)).then_some(())
+    })
+    .await;
+    wh.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_by_event_sends_to_exactly_the_chosen_endpoints() {
     let redis = RedisServer::start();
