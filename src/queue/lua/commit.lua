@@ -122,6 +122,9 @@ end
 call_chunked('HDEL', JOBS, done, 500)
 
 local counts = {}
+-- Jobs to put at the back of partitions (fan-out, parking): stored and
+-- pushed together after every completion, a partition's in one push.
+local queued = {}
 local i = 7 + n
 for c = 1, n do
   local lease, stats, k = string.match(ARGV[L + c - 1], '^(.*)#'), ARGV[i], tonumber(ARGV[i + 1])
@@ -140,7 +143,8 @@ for c = 1, n do
   -- A job of an ordering key: the key stays taken if the job comes back (a
   -- retry), else the key's next job goes.
   local lkey, lapp, lpart, kept = nil, nil, nil, false
-  if ok and lease then
+  -- (Leases of new events end in '|': no endpoint, no key.)
+  if ok and lease and string.byte(lease, -1) ~= 124 then
     local _set
     _set, lapp, lpart = lease_parts(lease)
     if lpart ~= '' then
@@ -158,15 +162,7 @@ for c = 1, n do
   for _ = 1, k do
     local kind = ARGV[i]
     if kind == 'E' then
-      if ok then
-        local app, part, key = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-        local id = store({ ARGV[i + 4] })[1]
-        if key ~= '' and part ~= '' then
-          push_keyed(app, part, string.sub(key, 2), id)
-        else
-          push(app, part, id, false)
-        end
-      end
+      if ok then queued[#queued + 1] = i end
       i = i + 5
     elseif kind == 'S' then
       if ok then
@@ -208,6 +204,27 @@ for c = 1, n do
       if redis.call('HGET', key, 'state') == 'half' then unhold(app, part) end
     end
   end
+end
+if #queued > 0 then
+  local bodies = {}
+  for q, at in ipairs(queued) do bodies[q] = ARGV[at + 4] end
+  local ids = store(bodies)
+  local runs, order = {}, {}
+  for q, at in ipairs(queued) do
+    local app, part, key = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+    if key ~= '' and part ~= '' then
+      push_keyed(app, part, string.sub(key, 2), ids[q])
+    else
+      local p = app .. '|' .. part
+      if not runs[p] then
+        runs[p] = { app = app, part = part, ids = {} }
+        order[#order + 1] = p
+      end
+      local r = runs[p].ids
+      r[#r + 1] = ids[q]
+    end
+  end
+  for _, p in ipairs(order) do push_many(runs[p].app, runs[p].part, runs[p].ids, false) end
 end
 for _ = 1, tonumber(ARGV[i]) do
   health(ARGV[i + 1], ARGV[i + 2], 'ok', '', tonumber(ARGV[i + 3]))
