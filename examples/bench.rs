@@ -25,6 +25,9 @@
 //! the events in each request, and its latency is then from the batch's
 //! making (its `time_ms`), not the event's enqueue.
 //!
+//! `--order-keys N` makes them ordered per channel (`order_by = "channel"`),
+//! the events spread over N channels.
+//!
 //! `--apps N` spreads the events over N apps (one endpoint each, all on the
 //! sink), enqueued app by app: the fair scheduler then interleaves them.
 //! The endpoint and app caps are lifted to `--concurrency` so one app can use
@@ -136,6 +139,10 @@ struct Args {
     /// (the sink counts the events in each request).
     #[arg(long)]
     batch: Option<usize>,
+    /// With --ordered: `order_by = "channel"`, the events spread over N
+    /// channels (burst mode).
+    #[arg(long)]
+    order_keys: Option<usize>,
     /// The built-in sink answers each request after this many ms (a
     /// receiver's own latency).
     #[arg(long, default_value_t = 0)]
@@ -253,7 +260,7 @@ async fn run(args: &Args, prefix: &str) -> anyhow::Result<Report> {
             let mut mine = share.min(n - sent);
             while mine > 0 {
                 let k = mine.min(FILL_BATCH as u64) as usize;
-                enqueue_batch(&queue, &app_id(i, args.apps), &event, k).await?;
+                enqueue_batch(&queue, &app_id(i, args.apps), &event, k, args.order_keys).await?;
                 sent += k as u64;
                 mine -= k as u64;
                 bar.set_position(sent);
@@ -586,12 +593,18 @@ ingest_token = "bench-token"
 url = {sink}
 scheme = "pusher"
 ordered = {ordered}
+{order_by}
 {batch}
 {chain}
 "#,
             id = app_id(i, args.apps),
             sink = toml_str(sink_url),
-            ordered = args.ordered,
+            ordered = args.ordered || args.order_keys.is_some(),
+            order_by = if args.order_keys.is_some() {
+                "order_by = \"channel\""
+            } else {
+                ""
+            },
             batch = args.batch.map_or(String::new(), |n| format!(
                 "batch = {{ max_events = {n}, max_wait = \"1s\" }}"
             )),
@@ -647,10 +660,22 @@ fn sample_event() -> anyhow::Result<Event> {
     Ok(event)
 }
 
-async fn enqueue_batch(queue: &Queue, app: &str, event: &Event, k: usize) -> anyhow::Result<()> {
+async fn enqueue_batch(
+    queue: &Queue,
+    app: &str,
+    event: &Event,
+    k: usize,
+    keys: Option<usize>,
+) -> anyhow::Result<()> {
     let created_ms = now_ms();
     let jobs: Vec<Job> = (0..k)
-        .map(|_| Job::new(app, event.clone(), created_ms))
+        .map(|i| {
+            let mut event = event.clone();
+            if let Some(n) = keys {
+                event.channel = Some(format!("ch-{}", i % n.max(1)));
+            }
+            Job::new(app, event, created_ms)
+        })
         .collect();
     queue.enqueue(app, &jobs).await.context("enqueueing")?;
     Ok(())
@@ -684,7 +709,7 @@ fn start_producer(
                     let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(n);
                     while sent < due {
                         let k = (due - sent).min(FILL_BATCH as u64) as usize;
-                        enqueue_batch(&queue, &app_id(next_app, apps), &event, k).await?;
+                        enqueue_batch(&queue, &app_id(next_app, apps), &event, k, None).await?;
                         next_app = (next_app + 1) % apps;
                         sent += k as u64;
                     }

@@ -116,7 +116,7 @@ pub async fn run(
         }
     }
 
-    let (done_tx, done_rx) = mpsc::channel::<Completion>(settings.queues.concurrency * 2 + BATCH);
+    let (done_tx, done_rx) = mpsc::channel::<Done>(settings.queues.concurrency * 2 + BATCH);
     let wake = Arc::new(Notify::new());
     let committer = tokio::spawn(commit_loop(
         ctx.clone(),
@@ -158,7 +158,7 @@ async fn take_loop(
     ctx: &Arc<Context>,
     settings: &Settings,
     wake: &Notify,
-    done: &mpsc::Sender<Completion>,
+    done: &mpsc::Sender<Done>,
     jobs: &TaskTracker,
     shutdown: &CancellationToken,
 ) {
@@ -197,13 +197,14 @@ async fn take_loop(
                 // follows its retry schedule like any other failure, so no
                 // input makes it come back forever.
                 let (lease, raw) = (leased.lease.clone(), leased.raw.clone());
+                let urgent = holds_order(&ctx, &leased);
                 let completion = AssertUnwindSafe(job::process(&ctx, leased, slot, &busy))
                     .catch_unwind()
                     .await
                     .unwrap_or_else(|panic| job::panicked(&ctx, lease, raw.as_deref(), panic));
                 // The committer outlives every job task, so this only fails if
                 // it panicked; the lease then expires and the job runs again.
-                let _ = done.send(completion).await;
+                let _ = done.send(Done { completion, urgent }).await;
             });
         }
         if taken.more && got > 0 {
@@ -224,6 +225,37 @@ async fn take_loop(
             _ = tokio::time::sleep(nap) => {}
         }
     }
+}
+
+/// A job's outcome on its way to the committer.
+struct Done {
+    completion: Completion,
+    /// Ordered work waits for this commit: committed without lingering.
+    urgent: bool,
+}
+
+/// Whether a job holds back ordered work until its commit: a job of an
+/// ordered endpoint (the next of its order or key), or a new event of an
+/// app with one (its next new event).
+fn holds_order(ctx: &Context, leased: &crate::queue::Leased) -> bool {
+    let tenants = ctx.tenants();
+    let Some(app) = tenants.apps.get(&leased.app) else {
+        return false;
+    };
+    match &leased.endpoint {
+        Some(ep) => app.endpoint(ep).is_some_and(|e| e.ordered),
+        None => app.endpoints.iter().any(|e| e.ordered),
+    }
+}
+
+/// Moves what arrived into the batch; whether any of it is urgent.
+fn gather_done(incoming: &mut Vec<Done>, batch: &mut Vec<Completion>) -> bool {
+    let mut urgent = false;
+    for d in incoming.drain(..) {
+        urgent |= d.urgent;
+        batch.push(d.completion);
+    }
+    urgent
 }
 
 /// After a slot was given back, waits a moment for a few more before taking:
@@ -375,23 +407,26 @@ fn count_outcomes(batch: &[Completion]) {
 
 async fn commit_loop(
     ctx: Arc<Context>,
-    mut done: mpsc::Receiver<Completion>,
+    mut done: mpsc::Receiver<Done>,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut incoming = Vec::with_capacity(BATCH);
     let mut backoff = Duration::from_millis(50);
-    while done.recv_many(&mut batch, BATCH).await > 0 {
+    while done.recv_many(&mut incoming, BATCH).await > 0 {
+        let mut urgent = gather_done(&mut incoming, &mut batch);
         // A small batch waits a moment for more: one commit per batch costs
         // Redis a fixed overhead, and slots are already free (only the
-        // outcome's recording waits).
-        if batch.len() < BATCH / 2 {
+        // outcome's recording waits). Not when ordered work waits for it.
+        if !urgent && batch.len() < BATCH / 2 {
             let _ = tokio::time::timeout(COMMIT_LINGER, async {
-                while batch.len() < BATCH / 2 {
+                while batch.len() < BATCH / 2 && !urgent {
                     let room = BATCH - batch.len();
-                    if done.recv_many(&mut batch, room).await == 0 {
+                    if done.recv_many(&mut incoming, room).await == 0 {
                         break;
                     }
+                    urgent = gather_done(&mut incoming, &mut batch);
                 }
             })
             .await;
