@@ -384,6 +384,44 @@ async fn a_batch_in_flight_when_its_worker_is_killed_is_delivered_again() {
     assert!(second.wait().await.unwrap().success());
 }
 
+/// A worker SIGKILLed while a batch is forming (its events routed and
+/// waiting for `max_wait`) loses nothing: the batch is only events in the
+/// queue, and the next worker sends it, each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_a_batch_forms_loses_nothing() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let p = prefix("batch-forming");
+    let endpoint = batched(pusher_endpoint(&rx.url("forming")), 100, "3s");
+    let text = app_config(&redis, "batch-forming", &endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &text);
+    let producer = wasmhook::producer::Producer::connect(&redis.url, &p).unwrap();
+    producer
+        .send_many("app-1", numbered(0, 30, json!({})))
+        .await
+        .unwrap();
+
+    let mut first = spawn_serve(&path, "worker");
+    let q = queue(&text);
+    eventually("30 events routed to the forming batch", WAIT, async || {
+        let parked = q.stats().await.unwrap().get("parked").copied();
+        (parked == Some(30)).then_some(())
+    })
+    .await;
+    signal(&first, libc::SIGKILL);
+    first.wait().await.unwrap();
+    assert_eq!(rx.arrived("forming"), 0, "the batch had not gone yet");
+
+    let mut second = spawn_serve(&path, "worker");
+    let got = settled(&rx, "forming", 30).await;
+    assert_eq!(got.len(), 1, "one batch");
+    verify_pusher(&got[0], "app-1-key", APP_SECRET);
+    assert_eq!(seqs(&got), upto(30), "each event once");
+    signal(&second, libc::SIGTERM);
+    assert!(second.wait().await.unwrap().success());
+}
+
 /// Events of about 1 KiB with `max_batch_bytes = 8192`: several requests,
 /// none over the limit, each event once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
