@@ -346,22 +346,7 @@ async fn the_embedded_default_runs_and_a_sent_event_reaches_the_receiver() {
 async fn an_ordered_endpoint_gets_events_in_order_across_workers_failures_and_a_kill() {
     let redis = RedisServer::start();
     let rx = Receiver::start().await;
-    // A fixed seed: the same "random" failures on every run.
-    let mut seed: u64 = 0x5eed;
-    let mut replies: Vec<u16> = Vec::new();
-    for i in 0..1000 {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let fail = (seed >> 33).is_multiple_of(10) && replies.last() != Some(&500);
-        replies.push(match i {
-            40 => 400,
-            _ if fail => 500,
-            _ => 200,
-        });
-    }
-    replies[41] = 200;
-    rx.script("ordered", &replies, 200);
+    rx.script("ordered", &seeded_replies(0x5eed, true), 200);
     rx.delay("ordered", Duration::from_millis(2));
     let p = prefix("ordered");
     let endpoint = standard_endpoint(&rx.url("ordered")) + "ordered = true\n";
@@ -373,43 +358,8 @@ async fn an_ordered_endpoint_gets_events_in_order_across_workers_failures_and_a_
     );
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(&dir, &text);
-    let producer = wasmhook::producer::Producer::connect(&redis.url, &p).unwrap();
-    let mut ids = Vec::new();
-    for chunk in (0..500).collect::<Vec<usize>>().chunks(100) {
-        let events = chunk
-            .iter()
-            .map(|i| json!({"name": "client_event", "channel": "c", "data": i.to_string()}))
-            .collect();
-        ids.extend(producer.send_many("app-1", events).await.unwrap());
-    }
-    let index =
-        |r: &Received| -> usize { r.json()["data"]["data"].as_str().unwrap().parse().unwrap() };
-
-    let mut first = spawn_serve(&path, "worker");
-    let second = spawn_serve(&path, "worker");
-    eventually("deliveries under way", WAIT, async || {
-        (rx.received("ordered")
-            .iter()
-            .filter(|r| r.status == 200)
-            .count()
-            >= 80)
-            .then_some(())
-    })
-    .await;
-    signal(&first, libc::SIGKILL);
-    first.wait().await.unwrap();
-    let q = queue(&text);
-    let letters = dead_letters(&q, 1).await;
-    eventually("every event but one delivered", WAIT, async || {
-        let ok: HashSet<usize> = rx
-            .received("ordered")
-            .iter()
-            .filter(|r| r.status == 200)
-            .map(index)
-            .collect();
-        (ok.len() == 499).then_some(())
-    })
-    .await;
+    let ids = send_indexed(&redis, &p, |_| "c".into()).await;
+    let (second, letters) = two_workers_one_killed(&rx, "ordered", &path, &text).await;
 
     let got = rx.received("ordered");
     let refused = got.iter().find(|r| r.status == 400).map(index).unwrap();
@@ -453,19 +403,7 @@ async fn an_ordered_endpoint_gets_events_in_order_across_workers_failures_and_a_
 async fn ordering_keys_keep_each_channels_order_across_workers_failures_and_a_kill() {
     let redis = RedisServer::start();
     let rx = Receiver::start().await;
-    let mut seed: u64 = 0x0bd3;
-    let mut replies: Vec<u16> = Vec::new();
-    for i in 0..1500 {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        replies.push(match i {
-            40 => 400,
-            _ if (seed >> 33).is_multiple_of(10) => 500,
-            _ => 200,
-        });
-    }
-    rx.script("keyed", &replies, 200);
+    rx.script("keyed", &seeded_replies(0x0bd3, false), 200);
     rx.delay("keyed", Duration::from_millis(2));
     let p = prefix("keyed");
     let endpoint = standard_endpoint(&rx.url("keyed"))
@@ -479,43 +417,9 @@ async fn ordering_keys_keep_each_channels_order_across_workers_failures_and_a_ki
     );
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(&dir, &text);
-    let producer = wasmhook::producer::Producer::connect(&redis.url, &p).unwrap();
     let channel = |i: usize| format!("ch-{}", i % 5);
-    for chunk in (0..500).collect::<Vec<usize>>().chunks(100) {
-        let events = chunk
-            .iter()
-            .map(|i| json!({"name": "client_event", "channel": channel(*i), "data": i.to_string()}))
-            .collect();
-        producer.send_many("app-1", events).await.unwrap();
-    }
-    let index =
-        |r: &Received| -> usize { r.json()["data"]["data"].as_str().unwrap().parse().unwrap() };
-
-    let mut first = spawn_serve(&path, "worker");
-    let second = spawn_serve(&path, "worker");
-    eventually("deliveries under way", WAIT, async || {
-        (rx.received("keyed")
-            .iter()
-            .filter(|r| r.status == 200)
-            .count()
-            >= 80)
-            .then_some(())
-    })
-    .await;
-    signal(&first, libc::SIGKILL);
-    first.wait().await.unwrap();
-    let q = queue(&text);
-    let letters = dead_letters(&q, 1).await;
-    eventually("every event but one delivered", WAIT, async || {
-        let ok: HashSet<usize> = rx
-            .received("keyed")
-            .iter()
-            .filter(|r| r.status == 200)
-            .map(index)
-            .collect();
-        (ok.len() == 499).then_some(())
-    })
-    .await;
+    send_indexed(&redis, &p, channel).await;
+    let (second, letters) = two_workers_one_killed(&rx, "keyed", &path, &text).await;
 
     let got = rx.received("keyed");
     let refused = got.iter().find(|r| r.status == 400).map(index).unwrap();
@@ -646,6 +550,85 @@ async fn ordering_keys_do_not_block_each_other() {
         assert_eq!(b, (1..=20).collect::<Vec<_>>(), "b in order ({backend:?})");
         wh.shutdown().await;
     }
+}
+
+/// 1,500 answers for a receiver path from a fixed seed (the same "random"
+/// failures on every run): about one in ten a 500 (with `never_twice`, never
+/// two in a row), the 41st a 400 and the one after it a 200.
+fn seeded_replies(mut seed: u64, never_twice: bool) -> Vec<u16> {
+    let mut replies: Vec<u16> = Vec::new();
+    for i in 0..1500 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let fail =
+            (seed >> 33).is_multiple_of(10) && !(never_twice && replies.last() == Some(&500));
+        replies.push(match i {
+            40 => 400,
+            41 => 200,
+            _ if fail => 500,
+            _ => 200,
+        });
+    }
+    replies
+}
+
+/// Events 0..500 of app-1 (`data` is the index) on `channel(i)`, through the
+/// Redis producer; their webhook ids.
+async fn send_indexed(
+    redis: &RedisServer,
+    prefix: &str,
+    channel: impl Fn(usize) -> String,
+) -> Vec<String> {
+    let producer = wasmhook::producer::Producer::connect(&redis.url, prefix).unwrap();
+    let mut ids = Vec::new();
+    for chunk in (0..500).collect::<Vec<usize>>().chunks(100) {
+        let events = chunk
+            .iter()
+            .map(|i| json!({"name": "client_event", "channel": channel(*i), "data": i.to_string()}))
+            .collect();
+        ids.extend(producer.send_many("app-1", events).await.unwrap());
+    }
+    ids
+}
+
+/// The index a standard request's event carries in `data`.
+fn index(r: &Received) -> usize {
+    r.json()["data"]["data"].as_str().unwrap().parse().unwrap()
+}
+
+/// Two worker processes on `path`; the first is SIGKILLed once 80 requests
+/// at `hook` were answered 200. Returns the second once one dead letter is
+/// in and 499 distinct events were delivered, with the dead letters.
+async fn two_workers_one_killed(
+    rx: &Receiver,
+    hook: &str,
+    path: &std::path::Path,
+    text: &str,
+) -> (
+    tokio::process::Child,
+    Vec<(String, wasmhook::queue::DeadLetter)>,
+) {
+    let mut first = spawn_serve(path, "worker");
+    let second = spawn_serve(path, "worker");
+    eventually("deliveries under way", WAIT, async || {
+        (rx.received(hook).iter().filter(|r| r.status == 200).count() >= 80).then_some(())
+    })
+    .await;
+    signal(&first, libc::SIGKILL);
+    first.wait().await.unwrap();
+    let letters = dead_letters(&queue(text), 1).await;
+    eventually("every event but one delivered", WAIT, async || {
+        let ok: HashSet<usize> = rx
+            .received(hook)
+            .iter()
+            .filter(|r| r.status == 200)
+            .map(index)
+            .collect();
+        (ok.len() == 499).then_some(())
+    })
+    .await;
+    (second, letters)
 }
 
 async fn stop_all_workers(workers: Vec<tokio::process::Child>) {

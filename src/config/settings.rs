@@ -1092,7 +1092,7 @@ fn build_endpoint(
             "only with a `rate_limit`",
         );
     }
-    let batch = batching(c, &path, w);
+    let batch = batching(c, path, w);
     let order_by = match &w.order_by {
         None => None,
         Some(_) if !w.ordered => {

@@ -219,22 +219,9 @@ async fn deliver(
         };
         let now = now_ms();
         let request = signing::sign(app, &endpoint, &prepared, (now / 1000) as i64);
-        let started = std::time::Instant::now();
-        let result = ctx.deliverer.send(request, endpoint.timeout).await;
-        let elapsed = started.elapsed();
+        let (result, elapsed) = send(ctx, request, endpoint.timeout).await;
         let elapsed_ms = elapsed.as_millis() as u64;
-        metrics::delivery_attempt(
-            elapsed,
-            match &result {
-                AttemptResult::Delivered { status } => Some(*status),
-                AttemptResult::Failed(f) => f.status,
-            },
-        );
-        let health = |signal| Effect::Health {
-            app: app.id.clone(),
-            endpoint: endpoint.id.clone(),
-            signal,
-        };
+        let health = health_of(app, &endpoint);
         let mut effects = match result {
             AttemptResult::Delivered { status } => {
                 info!(status, elapsed_ms, outcome = "delivered", "delivered");
@@ -327,21 +314,8 @@ async fn deliver_batch(
         }
         let n = kept.len();
         batch.batch = kept;
-        let started = std::time::Instant::now();
-        let result = ctx.deliverer.send(request, endpoint.timeout).await;
-        let elapsed = started.elapsed();
-        metrics::delivery_attempt(
-            elapsed,
-            match &result {
-                AttemptResult::Delivered { status } => Some(*status),
-                AttemptResult::Failed(f) => f.status,
-            },
-        );
-        let health = |signal| Effect::Health {
-            app: app.id.clone(),
-            endpoint: endpoint.id.clone(),
-            signal,
-        };
+        let (result, elapsed) = send(ctx, request, endpoint.timeout).await;
+        let health = health_of(app, &endpoint);
         match result {
             AttemptResult::Delivered { status } => {
                 info!(
@@ -377,6 +351,34 @@ async fn deliver_batch(
     }
     .instrument(span)
     .await
+}
+
+/// Sends one attempt's request and records its metrics.
+async fn send(
+    ctx: &Context,
+    request: signing::SignedRequest,
+    timeout: Duration,
+) -> (AttemptResult, Duration) {
+    let started = std::time::Instant::now();
+    let result = ctx.deliverer.send(request, timeout).await;
+    let elapsed = started.elapsed();
+    metrics::delivery_attempt(
+        elapsed,
+        match &result {
+            AttemptResult::Delivered { status } => Some(*status),
+            AttemptResult::Failed(f) => f.status,
+        },
+    );
+    (result, elapsed)
+}
+
+/// What an attempt says about the endpoint, as an effect for its breaker.
+fn health_of<'a>(app: &'a App, endpoint: &'a Endpoint) -> impl Fn(Signal) -> Effect + 'a {
+    move |signal| Effect::Health {
+        app: app.id.clone(),
+        endpoint: endpoint.id.clone(),
+        signal,
+    }
 }
 
 /// A batch that is dead-lettered leaves one dead letter per event (each can

@@ -596,11 +596,17 @@ pub fn verify_pusher(r: &Received, key: &str, secret: &str) {
 
 /// Checks a Standard Webhooks request the way a receiver would.
 pub fn verify_standard(r: &Received, secret: &str) {
+    verify_standard_id(r, secret, "msg_");
+}
+
+/// As [`verify_standard`], for a `webhook-id` that starts with `prefix`
+/// (`batch_` for a batch).
+pub fn verify_standard_id(r: &Received, secret: &str, prefix: &str) {
     let b64 = base64::engine::general_purpose::STANDARD;
     let key = b64.decode(secret.strip_prefix("whsec_").unwrap()).unwrap();
     let id = r.header("webhook-id");
     let ts = r.header("webhook-timestamp");
-    assert!(id.starts_with("msg_"), "webhook-id {id:?}");
+    assert!(id.starts_with(prefix), "webhook-id {id:?}");
     let ts_num: u64 = ts.parse().expect("webhook-timestamp is unix seconds");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
