@@ -1838,6 +1838,19 @@ mod tests {
                 vec!["a/e/4"]
             ]
         );
+        // An event larger than the limit goes alone, never stuck.
+        let mut s = State::default();
+        s.configure(&batched("a", "e", 2, 1024));
+        let mut big = job("a", Some("e"), 0);
+        big.event
+            .fields
+            .insert("pad".into(), "x".repeat(4000).into());
+        s.enqueue("a", &[big, job("a", Some("e"), 1)]);
+        let t = take(&mut s, 10, T0);
+        assert_eq!(members(&t), [vec!["a/e/0"]]);
+        // The one left is fewer than a batch: it waits for max_wait.
+        assert!(take(&mut s, 10, T0 + 1).jobs.is_empty());
+        assert_eq!(members(&take(&mut s, 10, T0 + 1001)), [vec!["a/e/1"]]);
     }
 
     fn ordered(app: &str, endpoint: &str) -> Tenancy {
