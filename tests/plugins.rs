@@ -179,6 +179,79 @@ async fn tenant_filter_drops_are_recorded_and_never_delivered() {
     wh.shutdown().await;
 }
 
+/// An app with an ordered endpoint whose app chain fails on one event: that
+/// event's routing is retried in its place (the app's later events wait),
+/// then it is dead-lettered saying so, and the rest follow in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_apps_routing_retry_keeps_its_place() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let chain = r#"[{ plugin = "add", config = { field = "payload.seen" } }]"#;
+    let text = config(
+        Some(&redis.url),
+        &prefix("ordered-routing"),
+        "127.0.0.1:0",
+        &app_with_chain(
+            "app-1",
+            chain,
+            &(standard_endpoint(&rx.url("hook")) + "ordered = true\n"),
+        ),
+    )
+    .replace(
+        r#"schedule = ["0ms", "50ms", "100ms"]"#,
+        r#"schedule = ["0ms", "1s"]"#,
+    ) + &wasm_section("")
+        + &plugin_def("add", &plugin("add-field"), "");
+    let wh = Running::start(&text, Mode::All).await;
+    let (started, started_ms) = (std::time::Instant::now(), wasmhook::event::now_ms());
+    // Event 5's payload is no object: the plugin fails on it, every time.
+    let events: Vec<Value> = (0..20)
+        .map(|i| {
+            let payload = if i == 5 { json!(7) } else { json!({}) };
+            json!({"name": "client_event", "channel": "c", "n": i, "payload": payload})
+        })
+        .collect();
+    let (status, body) = post_events(
+        &wh.ingest,
+        "app-1",
+        Some("app-1-token"),
+        json!({ "events": events }).to_string(),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+
+    let got = rx.wait_for("hook", 19, WAIT).await;
+    let order: Vec<i64> = got
+        .iter()
+        .map(|r| r.json()["data"]["n"].as_i64().unwrap())
+        .collect();
+    let want: Vec<i64> = (0..20).filter(|&i| i != 5).collect();
+    assert_eq!(order, want, "in order, without the failed one");
+    let letters = dead_letters(&queue(&text), 1).await;
+    let letter = &letters[0].1;
+    assert_eq!(letter.job.as_ref().unwrap().event.fields["n"], 5);
+    assert!(letter.reason.contains("add-field"), "{}", letter.reason);
+    assert!(
+        letter.reason.contains("routed without it"),
+        "{}",
+        letter.reason
+    );
+    // Nothing after it went while it waited for its retry (1 s).
+    let arrived_ms = |r: &Received| started_ms + (r.at - started).as_millis() as u64;
+    for r in got
+        .iter()
+        .filter(|r| r.json()["data"]["n"].as_i64() > Some(5))
+    {
+        assert!(
+            arrived_ms(r) + 100 >= letter.dead_at_ms,
+            "event {} arrived {} ms before event 5 was given up",
+            r.json()["data"]["n"],
+            letter.dead_at_ms - arrived_ms(r)
+        );
+    }
+    wh.shutdown().await;
+}
+
 /// A batched endpoint's chain runs on each event before batching: the batch
 /// carries each event as the chain left it, without the ones it dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -259,6 +259,11 @@ impl Rooms {
     }
 }
 
+/// The partition an endpoint name holds: "" is the new events'.
+fn part_of(endpoint: &str) -> Part {
+    (!endpoint.is_empty()).then(|| endpoint.to_string())
+}
+
 /// The first entry of a round-robin set after `cursor` (from the start when
 /// None).
 fn after<K: Ord + Clone>(set: &BTreeSet<K>, cursor: &Option<K>) -> Option<K> {
@@ -308,9 +313,11 @@ impl State {
             return;
         };
         let waiting = a.parts.get(part).is_some_and(|q| !q.is_empty());
-        let held = part
-            .as_ref()
-            .and_then(|ep| a.endpoints.get(ep))
+        // The new events' partition is held under the endpoint name "" (an
+        // ordered app's routing retry).
+        let held = a
+            .endpoints
+            .get(part.as_deref().unwrap_or(""))
             .is_some_and(|e| e.hold_until != 0);
         match (waiting && !held, a.scores.get(part).copied()) {
             (true, None) => {
@@ -394,7 +401,7 @@ impl State {
         }
         self.holds
             .insert((until, app.to_string(), endpoint.to_string()));
-        self.refresh(app, &Some(endpoint.to_string()));
+        self.refresh(app, &part_of(endpoint));
     }
 
     fn end_hold(&mut self, app: &str, endpoint: &str) {
@@ -410,7 +417,7 @@ impl State {
             self.holds
                 .remove(&(old, app.to_string(), endpoint.to_string()));
         }
-        self.refresh(app, &Some(endpoint.to_string()));
+        self.refresh(app, &part_of(endpoint));
     }
 
     fn lease_expiry(&self, lease: &str) -> Option<u64> {
@@ -474,7 +481,7 @@ impl State {
             if e.breaker.state == BreakerState::Open {
                 e.breaker.state = BreakerState::HalfOpen;
             }
-            self.refresh(&app, &Some(endpoint));
+            self.refresh(&app, &part_of(&endpoint));
         }
     }
 
@@ -840,6 +847,7 @@ impl State {
         let troubled = a
             .endpoints
             .iter()
+            .filter(|(ep, _)| !ep.is_empty())
             .filter(|(_, e)| e.hold_until > now || e.breaker.state != BreakerState::Closed)
             .map(|(ep, _)| ep);
         let busy: BTreeSet<&String> = waiting.chain(troubled).collect();
@@ -899,9 +907,8 @@ impl State {
                     Effect::Front { job, delay_ms } => {
                         let app = job.app_id.clone();
                         self.push_front(&app, job.endpoint.clone(), job.clone());
-                        if let Some(ep) = &job.endpoint {
-                            self.set_hold(&app, ep, now.saturating_add(*delay_ms));
-                        }
+                        let ep = job.endpoint.as_deref().unwrap_or("");
+                        self.set_hold(&app, ep, now.saturating_add(*delay_ms));
                     }
                     Effect::DeadLetter(letter) => {
                         let id = format!("{now}-{}", self.next_seq());
@@ -1932,6 +1939,37 @@ mod tests {
             next,
             ["a/e/0", "a/new/1"],
             "the routed job and the next new event"
+        );
+    }
+
+    #[test]
+    fn an_ordered_apps_routing_retry_holds_its_new_events_until_due() {
+        let mut s = State::default();
+        s.configure(&ordered("a", "e"));
+        s.enqueue("a", &jobs("a", None, 3));
+        let first = take(&mut s, 10, T0);
+        assert_eq!(ids(&first), ["a/new/0"]);
+        let mut again = job("a", None, 0);
+        again.attempt = 1;
+        commit(
+            &mut s,
+            &first.jobs[0].lease,
+            vec![Effect::Front {
+                job: again,
+                delay_ms: 500,
+            }],
+            T0,
+        );
+        let early = take(&mut s, 10, T0 + 499);
+        assert!(early.jobs.is_empty(), "nothing after it goes first");
+        assert_eq!(early.next_due, Some(Duration::from_millis(1)));
+        let due = take(&mut s, 10, T0 + 500);
+        assert_eq!(ids(&due), ["a/new/0"]);
+        assert_eq!(due.jobs[0].job.as_ref().unwrap().attempt, 1);
+        assert!(
+            due.busy.get("a").is_some_and(Vec::is_empty),
+            "the held new events are no endpoint: {:?}",
+            due.busy
         );
     }
 

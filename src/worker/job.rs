@@ -101,7 +101,7 @@ async fn run(ctx: &Context, job: Job, slot: &mut Slot, busy: &[String]) -> Vec<E
             Err(e) => {
                 let failure = Failure::retryable(e.to_string());
                 let attempt = job.attempt + 1;
-                failed(&ctx.retry, job, attempt, failure)
+                routed_in_order(&app, failed(&ctx.retry, job, attempt, failure))
             }
         },
     }
@@ -453,6 +453,29 @@ fn in_order(endpoint: &Endpoint, effects: Vec<Effect>) -> Vec<Effect> {
         .collect()
 }
 
+/// An app with an ordered endpoint routes its new events one at a time, in
+/// order: a new event whose routing failed goes back to the front of the
+/// app's new events, which wait until its retry is due (nothing after it is
+/// routed first), and its dead letter says that it broke the order.
+fn routed_in_order(app: &App, effects: Vec<Effect>) -> Vec<Effect> {
+    if !app.endpoints.iter().any(|e| e.ordered) {
+        return effects;
+    }
+    effects
+        .into_iter()
+        .map(|effect| match effect {
+            Effect::Schedule { job, delay_ms } => Effect::Front { job, delay_ms },
+            Effect::DeadLetter(mut letter) => {
+                letter.reason.push_str(
+                    " (app with an ordered endpoint: the events after it were routed without it)",
+                );
+                Effect::DeadLetter(letter)
+            }
+            other => other,
+        })
+        .collect()
+}
+
 /// What a failed attempt says about the endpoint: a failure for its breaker
 /// (no answer, 5xx, 408, 3xx), an answer (other 4xx: the request's fault),
 /// nothing (429, 425: the receiver is up and asks to wait; a destination
@@ -504,14 +527,20 @@ pub(super) fn panicked(
     let effects = after_panic(raw, &message, |job| {
         endpoint_of(job).map_or_else(|| ctx.retry.clone(), |e| e.retry.clone())
     });
-    // An ordered endpoint's job retries in its place.
-    let effects = match effects.iter().find_map(|e| match e {
+    // An ordered endpoint's job retries in its place; so does a new event of
+    // an app with one.
+    let failed_job = effects.iter().find_map(|e| match e {
         Effect::Schedule { job, .. } | Effect::DeadLetter(DeadLetter { job: Some(job), .. }) => {
-            endpoint_of(job)
+            Some(job.clone())
         }
         _ => None,
-    }) {
-        Some(endpoint) => in_order(&endpoint, effects),
+    });
+    let effects = match failed_job {
+        Some(job) => match (endpoint_of(&job), tenants.apps.get(&job.app_id)) {
+            (Some(endpoint), _) => in_order(&endpoint, effects),
+            (None, Some(app)) if job.endpoint.is_none() => routed_in_order(app, effects),
+            _ => effects,
+        },
         None => effects,
     };
     Completion {

@@ -6,8 +6,9 @@
 -- completion: its counters (names joined by ','), n effects, effects:
 --   'E' app part key job (key: '' none, else 'k' and the job's ordering
 --   key: it waits behind the key's job out) | 'S' delay app part job |
---   'F' delay app part job
---   (back to the front, the endpoint held for delay) | 'D' letter |
+--   'F' delay app part job (back to the front, the partition held for delay:
+--   an ordered endpoint's retry, or an ordered app's routing retry) |
+--   'D' letter |
 --   'H' app endpoint signal arg   (signal: ok (arg: how many), fail,
 --                                  slow (arg: ms), off (arg: reason))
 -- then n, and (app, endpoint, successes) triples: successes not followed by
@@ -178,7 +179,7 @@ for c = 1, n do
         local id = store({ ARGV[i + 4] })[1]
         push(app, part, id, true)
         keep_key(app, part, id)
-        if part ~= '' then hold(app, part, NOW + tonumber(ARGV[i + 1]), true) end
+        hold(app, part, NOW + tonumber(ARGV[i + 1]), true)
       end
       i = i + 5
     elseif kind == 'D' then

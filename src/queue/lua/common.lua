@@ -96,8 +96,9 @@ local function store(bodies)
   return ids
 end
 
+-- (The new events' partition, '', is held only for an ordered app's routing
+-- retry.)
 local function hold_of(app, part)
-  if part == '' then return nil end
   local h = tonumber(redis.call('HGET', ep_key(app, part), 'hold'))
   if h and h > NOW then return h end
   return nil
@@ -125,6 +126,7 @@ local function deactivate(app, part)
 end
 
 local function refresh_busy(app, ep)
+  if ep == '' then return end
   local busy = redis.call('LLEN', list_key(app, ep)) > 0
   if not busy then
     local f = redis.call('HMGET', ep_key(app, ep), 'hold', 'state')
@@ -202,7 +204,7 @@ local function hold(app, ep, untl, exact)
   redis.call('HSET', k, 'hold', untl)
   redis.call('ZADD', HELD, untl, app .. '|' .. ep)
   deactivate(app, ep)
-  redis.call('SADD', busy_key(app), ep)
+  if ep ~= '' then redis.call('SADD', busy_key(app), ep) end
 end
 
 local function unhold(app, ep)
