@@ -485,7 +485,7 @@ async fn ordering_keys_do_not_block_each_other() {
         let rx = Receiver::start().await;
         rx.script("k", &[500], 200);
         let endpoint = standard_endpoint(&rx.url("k"))
-            + "ordered = true\norder_by = \"channel\"\nretry = { schedule = [\"0ms\", \"5s\"] }\n";
+            + "id = \"keyed\"\nordered = true\norder_by = \"channel\"\nretry = { schedule = [\"0ms\", \"5s\"] }\n";
         let text = config(
             backend,
             &prefix("keys-apart"),
@@ -535,6 +535,11 @@ async fn ordering_keys_do_not_block_each_other() {
             [0],
             "a's retry and next still wait while b goes ({backend:?})"
         );
+        if backend.is_some() {
+            let which = [("app-1".to_string(), "keyed".to_string())];
+            let status = queue(&text).endpoints(&which).await.unwrap().remove(0);
+            assert_eq!(status.waiting, 1, "a's next waits behind its key");
+        }
         let got = rx.wait_for("k", 23, WAIT).await;
         let a: Vec<(usize, u16)> = got
             .iter()

@@ -1151,7 +1151,9 @@ impl State {
                     app: app.clone(),
                     endpoint: endpoint.clone(),
                     state: e.breaker.state,
-                    waiting: self.waiting(app, &Some(endpoint.clone())) as u64,
+                    waiting: (self.waiting(app, &Some(endpoint.clone()))
+                        + e.key_waiting.values().map(VecDeque::len).sum::<usize>())
+                        as u64,
                     requests,
                     failures,
                     consecutive_failures: e.breaker.consecutive,
@@ -1677,6 +1679,7 @@ mod tests {
             6,
             "the keys' later jobs count as waiting"
         );
+        assert_eq!(status(&s, "a", "e", T0).waiting, 6);
         // The first of each key, all at once.
         let t = take(&mut s, 10, T0);
         assert_eq!(ids(&t), ["a/e/0", "a/e/2", "a/e/5"]);

@@ -28,7 +28,8 @@
 --   P..'ep:'..app..'|' (the new events' partition) 'ilease': the same for the
 --                      one new event in flight of an app with an ordered endpoint
 --   P..'ok:'..app..'|'..ep  HASH an ordering-keyed endpoint's keys: 'b:'..key -> '1' (a job
---                      of the key is out), 'j:'..job id -> key (the job out of each key)
+--                      of the key is out), 'j:'..job id -> key (the job out of each key),
+--                      'n' -> jobs waiting behind their keys
 --   P..'kq:'..app..'|'..ep..'|'..key  LIST the key's later job ids, waiting for it
 --   ep hash 'bdue'     a batched endpoint's waiting jobs go at this time even
 --                      if they are fewer than a batch
@@ -179,6 +180,7 @@ local function push_keyed(app, ep, key, id)
     push(app, ep, id, false)
   else
     redis.call('RPUSH', key_list(app, ep, key), id)
+    redis.call('HINCRBY', h, 'n', 1)
     redis.call('INCRBY', COUNT, 1)
   end
 end
@@ -188,6 +190,7 @@ local function release_key(app, ep, key)
   local h = keys_key(app, ep)
   local nxt = redis.call('LPOP', key_list(app, ep, key))
   if nxt then
+    redis.call('HINCRBY', h, 'n', -1)
     redis.call('DECRBY', COUNT, 1)
     redis.call('HSET', h, 'j:' .. nxt, key)
     push(app, ep, nxt, false)

@@ -11,7 +11,9 @@ for i = 5, 4 + 2 * tonumber(ARGV[4]), 2 do
   local h = tonumber(f[4]) or 0
   if h <= NOW then h = 0 end
   out[#out + 1] = f[1] or ''
+  -- Waiting: in the partition, and behind their ordering keys.
   out[#out + 1] = redis.call('LLEN', list_key(app, ep))
+    + (tonumber(redis.call('HGET', keys_key(app, ep), 'n')) or 0)
   out[#out + 1] = n
   out[#out + 1] = failed
   out[#out + 1] = tonumber(f[2]) or 0
