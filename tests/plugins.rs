@@ -252,6 +252,66 @@ async fn an_ordered_apps_routing_retry_keeps_its_place() {
     wh.shutdown().await;
 }
 
+/// A batched endpoint whose chain makes its events larger than the batch
+/// may carry: the events that do not fit go first in the next batch; every
+/// body stays within `max_batch_bytes`, each event arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_a_chain_enlarges_past_the_batch_limit_go_in_the_next_batch() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let pad = "x".repeat(1500);
+    let endpoint = pusher_endpoint(&rx.url("hook"))
+        + "batch = { max_events = 10, max_wait = \"200ms\" }\nmax_batch_bytes = 4096\n"
+        + &format!(
+            r#"plugins = [{{ plugin = "add", config = {{ field = "pad", value = "{pad}" }} }}]"#
+        )
+        + "\n";
+    let text = config(
+        Some(&redis.url),
+        &prefix("batch-grown"),
+        "127.0.0.1:0",
+        &app("app-1", &endpoint),
+    ) + &wasm_section("")
+        + &plugin_def("add", &plugin("add-field"), "");
+    let wh = Running::start(&text, Mode::All).await;
+    let events: Vec<Value> = (0..10)
+        .map(|i| json!({"name": "client_event", "channel": "c", "n": i}))
+        .collect();
+    let (status, body) = post_events(
+        &wh.ingest,
+        "app-1",
+        Some("app-1-token"),
+        json!({ "events": events }).to_string(),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+
+    eventually("10 events delivered", WAIT, async || {
+        let n: usize = rx
+            .received("hook")
+            .iter()
+            .map(|r| r.json()["events"].as_array().unwrap().len())
+            .sum();
+        (n >= 10).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = rx.received("hook");
+    assert!(got.len() >= 4, "{} requests", got.len());
+    let mut ns: Vec<i64> = Vec::new();
+    for r in &got {
+        verify_pusher(r, "app-1-key", APP_SECRET);
+        assert!(r.body.len() <= 4096, "a body of {} bytes", r.body.len());
+        for e in r.json()["events"].as_array().unwrap() {
+            assert_eq!(e["pad"].as_str().map(str::len), Some(1500));
+            ns.push(e["n"].as_i64().unwrap());
+        }
+    }
+    ns.sort();
+    assert_eq!(ns, (0..10).collect::<Vec<_>>(), "each event once");
+    wh.shutdown().await;
+}
+
 /// A batched endpoint's chain runs on each event before batching: the batch
 /// carries each event as the chain left it, without the ones it dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -907,8 +907,11 @@ impl State {
                     Effect::Front { job, delay_ms } => {
                         let app = job.app_id.clone();
                         self.push_front(&app, job.endpoint.clone(), job.clone());
-                        let ep = job.endpoint.as_deref().unwrap_or("");
-                        self.set_hold(&app, ep, now.saturating_add(*delay_ms));
+                        // No delay: no hold, and any other hold stays.
+                        if *delay_ms > 0 {
+                            let ep = job.endpoint.as_deref().unwrap_or("");
+                            self.set_hold(&app, ep, now.saturating_add(*delay_ms));
+                        }
                     }
                     Effect::DeadLetter(letter) => {
                         let id = format!("{now}-{}", self.next_seq());

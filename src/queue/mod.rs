@@ -110,9 +110,10 @@ pub enum Effect {
         job: Job,
         delay_ms: u64,
     },
-    /// Put a job back at the front of its endpoint's partition and hold the
-    /// endpoint for `delay_ms` (a retry on an ordered endpoint: nothing
-    /// after it goes first).
+    /// Put a job back at the front of its partition and hold the partition
+    /// for `delay_ms` (a retry on an ordered endpoint, or of an ordered app's
+    /// routing: nothing after it goes first); with no delay, no hold (a
+    /// batch's events that did not fit go first in the next one).
     Front {
         job: Job,
         delay_ms: u64,

@@ -179,7 +179,9 @@ for c = 1, n do
         local id = store({ ARGV[i + 4] })[1]
         push(app, part, id, true)
         keep_key(app, part, id)
-        hold(app, part, NOW + tonumber(ARGV[i + 1]), true)
+        -- (No delay: no hold, and any other hold stays as it is.)
+        local delay = tonumber(ARGV[i + 1])
+        if delay > 0 then hold(app, part, NOW + delay, true) end
       end
       i = i + 5
     elseif kind == 'D' then
