@@ -12,6 +12,7 @@ use wasmhook::service::Mode;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Posts an event (or `{"events": [...]}`); the first id the ingest answered.
 async fn send(ingest: &str, app: &str, event: Value) -> String {
     let (status, body) = post_events(
         ingest,
@@ -211,14 +212,7 @@ async fn an_ordered_apps_routing_retry_keeps_its_place() {
             json!({"name": "client_event", "channel": "c", "n": i, "payload": payload})
         })
         .collect();
-    let (status, body) = post_events(
-        &wh.ingest,
-        "app-1",
-        Some("app-1-token"),
-        json!({ "events": events }).to_string(),
-    )
-    .await;
-    assert_eq!(status, 202, "{body}");
+    send(&wh.ingest, "app-1", json!({ "events": events })).await;
 
     let got = rx.wait_for("hook", 19, WAIT).await;
     let order: Vec<i64> = got
@@ -277,14 +271,7 @@ async fn events_a_chain_enlarges_past_the_batch_limit_go_in_the_next_batch() {
     let events: Vec<Value> = (0..10)
         .map(|i| json!({"name": "client_event", "channel": "c", "n": i}))
         .collect();
-    let (status, body) = post_events(
-        &wh.ingest,
-        "app-1",
-        Some("app-1-token"),
-        json!({ "events": events }).to_string(),
-    )
-    .await;
-    assert_eq!(status, 202, "{body}");
+    send(&wh.ingest, "app-1", json!({ "events": events })).await;
 
     eventually("10 events delivered", WAIT, async || {
         let n: usize = rx
@@ -341,14 +328,7 @@ async fn a_batched_endpoints_chain_runs_per_event_before_batching() {
             json!({"name": name, "channel": "c", "n": i})
         })
         .collect();
-    let (status, body) = post_events(
-        &wh.ingest,
-        "app-1",
-        Some("app-1-token"),
-        json!({ "events": events }).to_string(),
-    )
-    .await;
-    assert_eq!(status, 202, "{body}");
+    send(&wh.ingest, "app-1", json!({ "events": events })).await;
 
     let got = rx.wait_for("hook", 1, WAIT).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
