@@ -328,11 +328,10 @@ async fn run_once(
                     let event = Event::from_json(serde_json::json!({
                         "name": "client_event", "channel": format!("private-{i}"),
                         "event": "client-x", "data": "{\"n\":1}"
-                    }))
-                    .expect("a valid event");
-                    Job::new(&app, event, now_ms())
+                    }))?;
+                    Ok(Job::new(&app, event, now_ms()))
                 })
-                .collect();
+                .collect::<anyhow::Result<_>>()?;
             queue.enqueue(&app, &jobs).await?;
             left -= n;
         }

@@ -37,28 +37,44 @@ pub fn leading_time_ms(body: &[u8]) -> Option<u64> {
 
 /// Serves `app` on `listener` (bound, non-blocking) on a one-thread runtime
 /// in an OS thread of its own, so a sink does not share the scheduler of
-/// what it measures.
+/// what it measures. Returns once it serves, or with why it cannot.
 pub fn serve_on_own_thread(
     name: &str,
     listener: std::net::TcpListener,
     app: axum::Router,
 ) -> anyhow::Result<()> {
+    let (started, outcome) = std::sync::mpsc::channel::<std::io::Result<()>>();
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
+            let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .expect("building the sink runtime");
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = started.send(Err(e));
+                    return;
+                }
+            };
             rt.block_on(async move {
-                let listener =
-                    tokio::net::TcpListener::from_std(listener).expect("adopting the sink socket");
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = started.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = started.send(Ok(()));
                 if let Err(e) = axum::serve(listener, app).await {
                     eprintln!("sink stopped: {e}");
                 }
             });
         })?;
-    Ok(())
+    outcome
+        .recv()
+        .map_err(|_| anyhow::anyhow!("the sink thread ended before serving"))?
+        .map_err(|e| anyhow::anyhow!("starting the sink: {e}"))
 }
 
 /// Removes every key of the run: SCAN MATCH <prefix>:* and UNLINK.
