@@ -965,7 +965,8 @@ impl State {
     /// the key's job out, if there is one.
     fn enqueue_aimed(&mut self, job: Job) {
         let app = job.app_id.clone();
-        if let (Some(ep), Some(key)) = (job.endpoint.clone(), job.order_key.clone()) {
+        if let (Some(ep), Some(key)) = (&job.endpoint, &job.order_key) {
+            let (ep, key) = (ep.clone(), key.clone());
             let e = self.endpoint_mut(&app, &ep);
             if !e.keys_out.insert(key.clone()) {
                 e.key_waiting.entry(key).or_default().push_back(job);
@@ -1388,6 +1389,14 @@ mod tests {
         job
     }
 
+    /// Job `n` as its retry carries it (attempt 1).
+    fn retried(app: &str, endpoint: Option<&str>, n: usize) -> Job {
+        Job {
+            attempt: 1,
+            ..job(app, endpoint, n)
+        }
+    }
+
     fn jobs(app: &str, endpoint: Option<&str>, count: usize) -> Vec<Job> {
         (0..count).map(|n| job(app, endpoint, n)).collect()
     }
@@ -1639,8 +1648,7 @@ mod tests {
         let mut s = State::default();
         s.enqueue("a", &[job("a", Some("e"), 0)]);
         let t = take(&mut s, 1, T0);
-        let mut retry = job("a", Some("e"), 0);
-        retry.attempt = 1;
+        let retry = retried("a", Some("e"), 0);
         commit(
             &mut s,
             &t.jobs[0].lease,
@@ -1893,8 +1901,7 @@ mod tests {
         );
 
         // A retry goes back to the front; the endpoint waits until it is due.
-        let mut again = job("a", Some("e"), 0);
-        again.attempt = 1;
+        let again = retried("a", Some("e"), 0);
         commit(
             &mut s,
             &first.jobs[0].lease,
@@ -1955,8 +1962,7 @@ mod tests {
         s.enqueue("a", &jobs("a", None, 3));
         let first = take(&mut s, 10, T0);
         assert_eq!(ids(&first), ["a/new/0"]);
-        let mut again = job("a", None, 0);
-        again.attempt = 1;
+        let again = retried("a", None, 0);
         commit(
             &mut s,
             &first.jobs[0].lease,

@@ -435,22 +435,18 @@ fn in_order(endpoint: &Endpoint, effects: Vec<Effect>) -> Vec<Effect> {
     if !endpoint.ordered {
         return effects;
     }
-    let keyed = endpoint.order_by.is_some();
-    effects
-        .into_iter()
-        .map(|effect| match effect {
-            Effect::Schedule { job, delay_ms } if !keyed => Effect::Front { job, delay_ms },
-            Effect::DeadLetter(mut letter) => {
-                letter.reason.push_str(if keyed {
-                    " (ordered endpoint: the events after it with the same ordering key were delivered without it)"
-                } else {
-                    " (ordered endpoint: the events after it were delivered without it)"
-                });
-                Effect::DeadLetter(letter)
-            }
-            other => other,
-        })
-        .collect()
+    match endpoint.order_by {
+        None => keep_place(
+            effects,
+            true,
+            " (ordered endpoint: the events after it were delivered without it)",
+        ),
+        Some(_) => keep_place(
+            effects,
+            false,
+            " (ordered endpoint: the events after it with the same ordering key were delivered without it)",
+        ),
+    }
 }
 
 /// An app with an ordered endpoint routes its new events one at a time, in
@@ -461,14 +457,23 @@ fn routed_in_order(app: &App, effects: Vec<Effect>) -> Vec<Effect> {
     if !app.endpoints.iter().any(|e| e.ordered) {
         return effects;
     }
+    keep_place(
+        effects,
+        true,
+        " (app with an ordered endpoint: the events after it were routed without it)",
+    )
+}
+
+/// Ordered work that failed: with `front`, its retry goes back to the front
+/// of its partition (held until due) instead of waiting apart; a dead
+/// letter says what went on without it (`note`).
+fn keep_place(effects: Vec<Effect>, front: bool, note: &str) -> Vec<Effect> {
     effects
         .into_iter()
         .map(|effect| match effect {
-            Effect::Schedule { job, delay_ms } => Effect::Front { job, delay_ms },
+            Effect::Schedule { job, delay_ms } if front => Effect::Front { job, delay_ms },
             Effect::DeadLetter(mut letter) => {
-                letter.reason.push_str(
-                    " (app with an ordered endpoint: the events after it were routed without it)",
-                );
+                letter.reason.push_str(note);
                 Effect::DeadLetter(letter)
             }
             other => other,
