@@ -147,6 +147,30 @@ async fn a_thousand_events_arrive_in_about_ten_batches_each_exactly_once() {
         assert!((1..=100).contains(&n), "{n} events in one request");
     }
     assert_eq!(seqs(&got), upto(1000), "each event exactly once");
+    // Nothing of the batches is left: no job bodies, no forming deadline.
+    let p = prefix("batch-1000");
+    let mut conn = redis.conn();
+    eventually("the batches' outcomes recorded", WAIT, async || {
+        let bodies: usize = redis::cmd("HLEN")
+            .arg(format!("{p}:{{0}}:jobs"))
+            .query(&mut conn)
+            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{p}:{{0}}:ep:*"))
+            .query(&mut conn)
+            .unwrap();
+        let mut forming = 0;
+        for k in &keys {
+            let due: Option<String> = redis::cmd("HGET")
+                .arg(k)
+                .arg("bdue")
+                .query(&mut conn)
+                .unwrap();
+            forming += usize::from(due.is_some());
+        }
+        (bodies == 0 && forming == 0).then_some(())
+    })
+    .await;
     wh.shutdown().await;
 }
 

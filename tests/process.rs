@@ -350,14 +350,7 @@ async fn an_ordered_endpoint_gets_events_in_order_across_workers_failures_and_a_
     rx.delay("ordered", Duration::from_millis(2));
     let p = prefix("ordered");
     let endpoint = standard_endpoint(&rx.url("ordered")) + "ordered = true\n";
-    let text = config(
-        Some(&redis.url),
-        &p,
-        "127.0.0.1:0",
-        &app("app-1", &endpoint),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(&dir, &text);
+    let (text, _dir, path) = config_file(&redis, &p, &endpoint);
     let ids = send_indexed(&redis, &p, |_| "c".into()).await;
     let (second, letters) = two_workers_one_killed(&rx, "ordered", &path, &text).await;
 
@@ -409,14 +402,7 @@ async fn ordering_keys_keep_each_channels_order_across_workers_failures_and_a_ki
     let endpoint = standard_endpoint(&rx.url("keyed"))
         + "ordered = true\norder_by = \"channel\"\n"
         + "retry = { schedule = [\"0ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\"] }\n";
-    let text = config(
-        Some(&redis.url),
-        &p,
-        "127.0.0.1:0",
-        &app("app-1", &endpoint),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(&dir, &text);
+    let (text, _dir, path) = config_file(&redis, &p, &endpoint);
     let channel = |i: usize| format!("ch-{}", i % 5);
     send_indexed(&redis, &p, channel).await;
     let (second, letters) = two_workers_one_killed(&rx, "keyed", &path, &text).await;
@@ -557,6 +543,62 @@ async fn ordering_keys_do_not_block_each_other() {
     }
 }
 
+/// A tenant that gives each of 1,000 events its own ordering key: every
+/// event is delivered once, and once they are, no key state is left in
+/// Redis (no per-key lists, no marks), nor any job body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_ordering_keys_leave_no_key_state_behind() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let p = prefix("many-keys");
+    let endpoint = standard_endpoint(&rx.url("k"))
+        + "id = \"keyed\"\nordered = true\norder_by = \"channel\"\n";
+    let text = config(
+        Some(&redis.url),
+        &p,
+        "127.0.0.1:0",
+        &app("app-1", &endpoint),
+    );
+    let wh = Running::start(&text, wasmhook::service::Mode::All).await;
+    for chunk in 0..10 {
+        let events: Vec<serde_json::Value> = (chunk * 100..chunk * 100 + 100)
+            .map(|i| json!({"name": "client_event", "channel": format!("key-{i}"), "data": i.to_string()}))
+            .collect();
+        let (status, body) = post_events(
+            &wh.ingest,
+            "app-1",
+            Some("app-1-token"),
+            json!({ "events": events }).to_string(),
+        )
+        .await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let got = rx.wait_for("k", 1000, WAIT).await;
+    let seen: HashSet<usize> = got.iter().map(index).collect();
+    assert_eq!(seen.len(), 1000, "each event once");
+    assert_eq!(got.len(), 1000);
+
+    let mut conn = redis.conn();
+    let left = eventually("the last commits recorded", WAIT, async || {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{p}:*"))
+            .query(&mut conn)
+            .unwrap();
+        let per_key: Vec<&String> = keys
+            .iter()
+            .filter(|k| k.contains(":kq:") || k.contains(":ok:"))
+            .collect();
+        let bodies: usize = redis::cmd("HLEN")
+            .arg(format!("{p}:{{0}}:jobs"))
+            .query(&mut conn)
+            .unwrap();
+        (per_key.is_empty() && bodies == 0).then_some(keys.len())
+    })
+    .await;
+    assert!(left < 30, "{left} keys left for one app, whatever its keys");
+    wh.shutdown().await;
+}
+
 /// 1,500 answers for a receiver path from a fixed seed (the same "random"
 /// failures on every run): about one in ten a 500 (with `never_twice`, never
 /// two in a row), the 41st a 400 and the one after it a 200.
@@ -576,6 +618,24 @@ fn seeded_replies(mut seed: u64, never_twice: bool) -> Vec<u16> {
         });
     }
     replies
+}
+
+/// The config of app-1 with this endpoint on `redis` under `prefix`, and
+/// the file it is written to (in the returned directory).
+fn config_file(
+    redis: &RedisServer,
+    prefix: &str,
+    endpoint: &str,
+) -> (String, tempfile::TempDir, std::path::PathBuf) {
+    let text = config(
+        Some(&redis.url),
+        prefix,
+        "127.0.0.1:0",
+        &app("app-1", endpoint),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &text);
+    (text, dir, path)
 }
 
 /// Events 0..500 of app-1 (`data` is the index) on `channel(i)`, through the
